@@ -1,0 +1,173 @@
+"""The LightningModule: owns optimisation (optimizer, learning-rate schedule) and what a run logs."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from minigpt.data import CharTokenizer
+from minigpt.model import GPT, GPTConfig
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+SCHEDULES = ("cosine", "constant")
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float, decay: bool = True) -> float:
+    """Learning-rate multiplier: linear warmup to 1 over `warmup_steps`, then a cosine to `min_lr_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not decay:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class MiniGPTModule(L.LightningModule):
+    """Trains a `GPT` on character windows.
+
+    Everything needed to rebuild the model is a plain hyper-parameter (the vocabulary as a string, sizes and
+    optimiser settings as dicts), so the checkpoint is self-contained and `hparams.yaml` is plain YAML:
+
+        MiniGPTModule(vocab="\\n !abc", model=dict(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    """
+
+    def __init__(
+        self,
+        vocab: str,
+        model: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        grad_norm_every: int = 50,
+    ):
+        super().__init__()
+        optimizer = {"name": "adamw", "lr": 3e-4, **(optimizer or {})}
+        scheduler = {"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.1, **(scheduler or {})}
+        if optimizer["name"] not in OPTIMIZERS:
+            raise ValueError(f"optimizer.name={optimizer['name']!r} is not one of {sorted(OPTIMIZERS)}")
+        if not optimizer["lr"] > 0:
+            raise ValueError(f"optimizer.lr must be positive, got {optimizer['lr']}")
+        if scheduler["name"] not in SCHEDULES:
+            raise ValueError(f"scheduler.name={scheduler['name']!r} is not one of {list(SCHEDULES)}")
+        if scheduler["warmup_steps"] < 0:
+            raise ValueError(f"scheduler.warmup_steps must be 0 or more, got {scheduler['warmup_steps']}")
+        self.save_hyperparameters({"vocab": vocab, "model": dict(model or {}), "optimizer": optimizer,
+                                   "scheduler": scheduler, "grad_norm_every": grad_norm_every})
+        self.tokenizer = CharTokenizer(vocab)
+        self.model = GPT(GPTConfig(vocab_size=len(vocab), **self.hparams.model))
+        self.train_loss_avg = MeanMetric(nan_strategy="disable")  # no per-step host sync to look for NaNs
+        self.val_ppl = Perplexity()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.train_loss_avg.update(loss.detach())
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits, loss = self.model(x, y)
+        self.val_ppl.update(logits, y)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # mean over the fixed validation windows
+        self.log("val/ppl", self.val_ppl)
+
+    def on_validation_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        train_loss = self.train_loss_avg.compute() if self.train_loss_avg.update_count else float("nan")
+        self.train_loss_avg.reset()
+        rank_zero_info(
+            f"step {self.global_step}: train/loss {train_loss:.4f} (mean since last validation), "
+            f"val/loss {self.trainer.callback_metrics['val/loss']:.4f}"
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Norms before clipping, every `grad_norm_every` steps: one small host sync, not one per step.
+        if self.hparams.grad_norm_every and (self.global_step + 1) % self.hparams.grad_norm_every == 0:
+            norms = grad_norm(self.model, norm_type=2)
+            self.log_dict({"grad/norm_total" if k.endswith("_total") else "grad/norm/" + k.split("/", 1)[1]: v
+                           for k, v in norms.items()})
+
+    def configure_optimizers(self):
+        settings = dict(self.hparams.optimizer)
+        name = settings.pop("name")
+        weight_decay = settings.pop("weight_decay", 0.0)
+        # Decay only the weights of linear layers: biases, LayerNorm gains and embeddings are left alone.
+        decay = [m.weight for m in self.model.modules() if isinstance(m, nn.Linear)]
+        decay_ids = {id(p) for p in decay}
+        no_decay = [p for p in self.model.parameters() if id(p) not in decay_ids]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+        if name in ("adamw", "adam") and self.device.type == "cuda":
+            settings.setdefault("fused", True)  # one kernel for the whole update instead of one per tensor
+        try:
+            optimizer = OPTIMIZERS[name](groups, **settings)
+        except TypeError as err:
+            raise ValueError(f"optimizer={name} does not take one of the options {sorted(settings)}: {err}") from None
+
+        schedule = dict(self.hparams.scheduler)
+        max_steps = self.trainer.max_steps
+        if schedule["name"] == "cosine" and max_steps <= 0:
+            raise ValueError("scheduler=cosine decays over trainer.max_steps: set trainer.max_steps to a positive number")
+        multiplier = partial(warmup_cosine, warmup_steps=schedule["warmup_steps"], max_steps=max_steps,
+                             min_lr_ratio=schedule["min_lr_ratio"], decay=schedule["name"] == "cosine")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        # stepped after every optimizer step, not every epoch: a run is one long epoch of random windows
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> MiniGPTModule:
+        """Rebuild the module from a checkpoint alone, without unpickling arbitrary objects."""
+        checkpoint = load_checkpoint(path, map_location)
+        try:
+            module = cls(**checkpoint["hyper_parameters"])
+            module.load_state_dict(checkpoint["state_dict"])
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a minigpt checkpoint ({type(err).__name__}: {err})") from None
+        return module
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """`torch.load` with `weights_only=True` (tensors and plain containers only) and errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike for a damaged or unsafe file
+        raise ValueError(
+            f"Could not load checkpoint {path}: it is truncated, damaged, or holds objects other than tensors and "
+            f"plain containers, which are never unpickled ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
+
+
+def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
+    """A checkpoint file given as itself or as a run folder: its `last.ckpt`, or with prefer="best" the best one."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist: give a .ckpt file or a run folder under outputs/.")
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    last = folder / "last.ckpt"
+    # ModelCheckpoint keeps only the best (save_top_k=1) besides last.ckpt; the newest is the best if more were kept
+    others = sorted((p for p in folder.glob("*.ckpt") if p.name != last.name), key=lambda p: p.stat().st_mtime)
+    candidates = ([others[-1]] if others else []) + [last] if prefer == "best" else [last] + others[-1:]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none (did it reach its first validation?).")
