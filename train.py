@@ -39,13 +39,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        grad_norm_every=cfg.trainer.log_every_n_steps,  # norms are computed only when they will be written
     )
     if cfg.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = make_trainer(cfg, callbacks, loggers)
 
     ckpt_path = str(find_checkpoint(cfg.ckpt_path, prefer="last")) if cfg.ckpt_path else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -57,6 +58,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Finished at step %d: val/loss %.4f, best val/loss %.4f", trainer.global_step,
              metrics.get("val/loss", float("nan")), metrics["val/loss_best"])
     return metrics
+
+
+def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"trainer.accelerator={cfg.trainer.accelerator} asks for a GPU, but PyTorch sees none "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+            "Train on the CPU with trainer=cpu (or trainer=default, which picks the best device there is)."
+        )
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

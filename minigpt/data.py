@@ -133,6 +133,12 @@ def windows(tokens: torch.Tensor, starts: torch.Tensor, block_size: int) -> tupl
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # (B, T), (B, T)
 
 
+def batch_seed(seed: int, rank: int, index: int) -> int:
+    """A seed for one batch, mixed by a hash: the CPU generator uses only the low 32 bits of its seed."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
 class RandomWindows(IterableDataset):
     """An endless stream of batches of random windows.
 
@@ -149,7 +155,7 @@ class RandomWindows(IterableDataset):
         high = len(self.tokens) - self.block_size  # the last start whose target still fits
         i = self.start
         while True:
-            generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 2**32 + i) % 2**63)
+            generator.manual_seed(batch_seed(self.seed, self.rank, i))
             starts = torch.randint(high, (self.batch_size,), generator=generator)
             yield windows(self.tokens, starts, self.block_size)
             i += 1

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minigpt.model import GPT, GPTConfig
+
+TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**TINY)).eval()
+
+
+def test_output_shapes(model):
+    idx = torch.randint(11, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 11) and loss is None
+    logits, loss = model(idx, idx)
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+def test_causality(model):
+    idx = torch.randint(11, (2, 16))
+    t = 9
+    changed = idx.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % 11
+    before, _ = model(idx)
+    after, _ = model(changed)
+    assert torch.allclose(before[:, : t + 1], after[:, : t + 1], atol=1e-6)  # positions up to t see no future
+    assert not torch.allclose(before[:, t + 1], after[:, t + 1])
+
+
+def test_loss_at_initialisation_is_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(65, (8, 32))
+    _, loss = model(idx, torch.randint(65, (8, 32)))
+    assert abs(loss.item() - math.log(65)) < 0.1
+
+
+def test_generate_length_and_context_cropping(model):
+    prompt = torch.randint(11, (2, 5))
+    out = model.generate(prompt, max_new_tokens=40, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 45)  # far past block_size=16: the context is cropped, not overflowed
+    assert torch.equal(out[:, :5], prompt)
+    assert int(out.max()) < 11
+
+
+def test_generate_is_reproducible_with_a_generator(model):
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(prompt, 20, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_sequence_longer_than_block_size_is_refused(model):
+    with pytest.raises(ValueError, match="block_size is 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [(dict(n_embd=30, n_head=4), "divisible by n_head"), (dict(n_layer=0), "n_layer must be a positive"),
+     (dict(block_size=-1), "block_size must be a positive"), (dict(dropout=1.5), "dropout")],
+)
+def test_invalid_sizes_are_refused(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**TINY, **sizes})
+
+
+def test_autograd_on_the_lessons_example():
+    x = torch.tensor(2.0, requires_grad=True)
+    y = x**2 + 3 * x + 1
+    y.backward()
+    assert x.grad.item() == 7.0  # dy/dx = 2x + 3 at x = 2

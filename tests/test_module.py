@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+from minigpt.module import MiniGPTModule, warmup_cosine
+
+VOCAB = "\n !,.:;?abcdefghijklmnopqrstuvwxyz"
+SIZES = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+def test_module_is_built_by_hand_without_hydra():
+    module = MiniGPTModule(vocab=VOCAB, model=SIZES)
+    assert module.model.config.vocab_size == len(VOCAB)
+    assert module.hparams.optimizer["name"] == "adamw"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(optimizer={"name": "lion"}), "not one of"), (dict(optimizer={"lr": 0}), "lr must be positive"),
+     (dict(scheduler={"name": "step"}), "not one of"), (dict(model={**SIZES, "n_head": 3}), "divisible")],
+)
+def test_invalid_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MiniGPTModule(vocab=VOCAB, **{"model": SIZES, **kwargs})
+
+
+def test_warmup_cosine_schedule():
+    f = lambda step: warmup_cosine(step, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear warmup
+    assert f(60) == pytest.approx(0.55)  # half-way down the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)  # floor after max_steps
+    assert all(f(s) >= f(s + 1) for s in range(10, 200))
+    assert warmup_cosine(50, 0, 100, 0.1, decay=False) == 1.0
+
+
+def test_one_sgd_step_is_w_minus_lr_times_grad():
+    torch.manual_seed(0)
+    lr = 0.5
+    module = MiniGPTModule(vocab=VOCAB, model=SIZES, optimizer={"name": "sgd", "lr": lr},
+                           scheduler={"name": "constant", "warmup_steps": 0})
+    x = torch.randint(len(VOCAB), (4, 16))
+    y = torch.randint(len(VOCAB), (4, 16))
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    # the gradient by hand, on a copy of the same weights
+    _, loss = module.model(x, y)
+    grads = dict(zip(before, torch.autograd.grad(loss, list(module.model.parameters()))))
+
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
+    for name, p in module.model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name] - lr * grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_skips_weight_decay_on_biases_norms_and_embeddings():
+    module = MiniGPTModule(vocab=VOCAB, model=SIZES, optimizer={"name": "adamw", "weight_decay": 0.1})
+    module.trainer = L.Trainer(max_steps=10, logger=False)  # the schedule reads max_steps
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith(".weight") and "ln" not in names[id(p)] and "wte" not in names[id(p)]
+               and "wpe" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"transformer.wte.weight", "transformer.wpe.weight",
+                                                           "transformer.ln_f.weight", "transformer.h.0.attn.c_attn.bias"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+
+
+def test_checkpoint_is_self_contained_and_hparams_are_plain_yaml(trained_run):
+    run_dir, _ = trained_run
+    module = MiniGPTModule.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert module.tokenizer.decode(module.tokenizer.encode("ROMEO:")) == "ROMEO:"
+    hparams = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())  # no python/object tags
+    assert hparams["vocab"] == module.tokenizer.vocab
+    assert hparams["model"]["n_embd"] == 32
+
+
+def test_missing_and_damaged_checkpoints_name_the_file(tmp_path, trained_run):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        MiniGPTModule.from_checkpoint(tmp_path / "nope.ckpt")
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes((trained_run[0] / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="damaged.ckpt.*truncated, damaged"):
+        MiniGPTModule.from_checkpoint(damaged)

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from minigpt.data import TextDataModule
+from minigpt.module import warmup_cosine
+from tests.conftest import CONF, ROOT, TINY, compose_train
+
+GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir()}
+GPU_TRAINERS = {"gpu", "ddp"}
+
+
+def test_short_run_lowers_val_loss_and_writes_checkpoint_and_events(trained_run):
+    run_dir, metrics = trained_run
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert any(p.name != "last.ckpt" for p in (run_dir / "checkpoints").glob("*.ckpt"))  # the best on val/loss
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/ppl", "grad/norm_total", "train/lr/decay"} <= tags
+    assert any(t.startswith("grad/norm/transformer.h.0.") for t in tags)  # per-layer norms
+    val = [e.value for e in events.Scalars("val/loss")]
+    assert len(val) == 2 and val[-1] < val[0]
+    assert metrics["val/loss"] == pytest.approx(val[-1], abs=1e-4)
+    ppl = events.Scalars("val/ppl")[-1].value
+    assert ppl == pytest.approx(math.exp(val[-1]), rel=1e-3)  # torchmetrics' perplexity agrees with the loss
+    for event in events.Scalars("train/lr/decay"):  # the warmup-cosine schedule, stepped per optimizer step
+        assert event.value == pytest.approx(3e-3 * warmup_cosine(event.step, 5, 40, 0.1), rel=1e-4), event.step
+
+
+def test_sample_prints_text_that_starts_with_the_prompt(trained_run):
+    run_dir, _ = trained_run
+    out = subprocess.run(
+        [sys.executable, "sample.py", f"ckpt_path={run_dir}", "prompt=ROMEO:", "max_new_tokens=30", "num_samples=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    samples = out.stdout.rstrip("\n").split("\n---------------\n")
+    assert len(samples) == 2 and all(s.startswith("ROMEO:") and len(s) == 36 for s in samples)
+
+
+def test_sample_names_characters_outside_the_vocabulary(trained_run):
+    import sample
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=[f"ckpt_path={trained_run[0]}", "prompt='ROMEO€#'"])
+    with pytest.raises(ValueError, match="'#', '€'"):
+        sample.sample(cfg)
+
+
+def _config_cases():
+    for group, options in GROUPS.items():
+        for option in options:
+            yield group, option
+
+
+@pytest.mark.parametrize("group, option", list(_config_cases()))
+def test_every_config_composes_and_instantiates(group, option, text_file, tmp_path):
+    cfg = compose_train([f"{group}={option}", f"data.path={text_file}"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert isinstance(datamodule, TextDataModule)
+    for entry in (cfg.get("callbacks") or {}).values():
+        hydra.utils.instantiate(entry)
+    for entry in (cfg.get("logger") or {}).values():
+        hydra.utils.instantiate(entry)
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="trainer=cpu"):
+            train.make_trainer(cfg, [], [])
+    else:
+        train.make_trainer(cfg, [], [])
+
+
+def test_sample_config_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=["ckpt_path=x.ckpt"])
+    assert cfg.prompt == "ROMEO:" and cfg.max_new_tokens > 0
+
+
+@pytest.mark.slow
+def test_multirun_makes_one_folder_per_job(text_file, tmp_path):
+    overrides = [o for o in TINY if not o.startswith("optimizer.")] + [
+        "trainer.max_steps=10", "trainer.val_check_interval=5", "logger=csv"]
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", "optimizer=adamw,sgd", *overrides, f"data.path={text_file}",
+         f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1"]
+    assert "optimizer=adamw" in jobs[0].name and "optimizer=sgd" in jobs[1].name
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert (job / "csv" / "metrics.csv").is_file()
+        assert (job / ".hydra" / "config.yaml").is_file() and (job / "train.log").is_file()
+
+
+def _tinyshakespeare_or_skip() -> None:
+    cfg = compose_train([])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    try:
+        datamodule.prepare_data()
+    except FileNotFoundError as err:
+        pytest.skip(f"TinyShakespeare is not available here: {err}")
+
+
+@pytest.mark.slow
+def test_seed_model_on_tinyshakespeare_beats_the_unigram_entropy(tmp_path):
+    _tinyshakespeare_or_skip()
+    cfg = compose_train([
+        "model=seed", "trainer=cpu", "trainer.max_steps=150", "trainer.val_check_interval=150",
+        "trainer.enable_model_summary=false", "~callbacks.progress_bar", "data.batch_size=16",
+        "optimizer.lr=3e-3", "scheduler.warmup_steps=20",
+    ])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    metrics = train.train(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup()
+    counts = torch.bincount(datamodule.train_tokens.long()).double()
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * p.log()).sum())  # the best loss of a model that ignores context
+    assert 3.2 < unigram_entropy < 3.4
+    assert metrics["val/loss"] < unigram_entropy - 0.6, (metrics["val/loss"], unigram_entropy)
