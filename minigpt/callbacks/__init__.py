@@ -1,0 +1,1 @@
+"""Callbacks: everything a run can do without, one responsibility per file."""
