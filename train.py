@@ -42,10 +42,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         grad_norm_every=cfg.trainer.log_every_n_steps,  # norms are computed only when they will be written
     )
     if cfg.compile:
-        module.model.compile()  # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
+        module.model.compile(mode=cfg.compile_mode)  # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
 
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # An entry set to null (as experiments do to drop one) is skipped.
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = make_trainer(cfg, callbacks, loggers)
 
     ckpt_path = str(find_checkpoint(cfg.ckpt_path, prefer="last")) if cfg.ckpt_path else None

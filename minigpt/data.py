@@ -151,12 +151,13 @@ class RandomWindows(IterableDataset):
         self.seed, self.rank, self.start = seed, rank, start
 
     def __iter__(self):
-        generator = torch.Generator()
+        device = self.tokens.device  # on a GPU the windows are drawn and gathered there: no copy per batch
+        generator = torch.Generator(device)
         high = len(self.tokens) - self.block_size  # the last start whose target still fits
         i = self.start
         while True:
             generator.manual_seed(batch_seed(self.seed, self.rank, i))
-            starts = torch.randint(high, (self.batch_size,), generator=generator)
+            starts = torch.randint(high, (self.batch_size,), generator=generator, device=device)
             yield windows(self.tokens, starts, self.block_size)
             i += 1
 
@@ -180,6 +181,7 @@ class TextDataModule(L.LightningDataModule):
         train_fraction: float = 0.9,
         val_batches: int | None = 10,
         seed: int = 1337,
+        tokens_on_gpu: bool = True,
     ):
         super().__init__()
         if batch_size <= 0 or block_size <= 0:
@@ -233,7 +235,10 @@ class TextDataModule(L.LightningDataModule):
         # at the batch where the interrupted run stopped.
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         rank = trainer.global_rank if trainer else 0
-        dataset = RandomWindows(self.train_tokens, self.hparams.block_size, self.hparams.batch_size, self.hparams.seed, rank, start)
+        tokens = self.train_tokens
+        if trainer and self.hparams.tokens_on_gpu and trainer.strategy.root_device.type == "cuda":
+            tokens = tokens.to(trainer.strategy.root_device)  # 1 byte per character: 1 MB for TinyShakespeare
+        dataset = RandomWindows(tokens, self.hparams.block_size, self.hparams.batch_size, self.hparams.seed, rank, start)
         return DataLoader(dataset, batch_size=None)  # batches are made whole by the dataset; a gather needs no workers
 
     def val_dataloader(self) -> DataLoader:

@@ -78,8 +78,10 @@ class MiniGPTModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits, loss = self.model(x, y)
-        self.val_ppl.update(logits, y)
+        # .forward() bypasses module.compile(): a few validation batches run as fast eagerly, and need no
+        # second compilation for eval mode and the last, shorter batch.
+        logits, loss = self.model.forward(x, y)
+        self.val_ppl.update(logits.float(), y)  # under bf16 autocast the logits are bf16: too coarse for a softmax
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # mean over the fixed validation windows
         self.log("val/ppl", self.val_ppl)
 

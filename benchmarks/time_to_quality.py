@@ -1,0 +1,81 @@
+"""Wall time from launching `python train.py ...` until its validation loss first reaches a target.
+
+    python benchmarks/time_to_quality.py --target 1.88 experiment=nanogpt_cpu
+    python benchmarks/time_to_quality.py --target 1.88 experiment=cpu_fast
+
+The clock starts before the process is launched, so imports, data loading and compilation count. The run is
+stopped once the target is reached. Results are appended to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import append_results, machine_summary  # noqa: E402
+
+VALIDATION = re.compile(r"step (\d+): .*val/loss ([0-9.]+|nan)")
+
+
+def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple[float | None, list[tuple[float, int, float]]]:
+    """Seconds until val/loss <= target (None if never) and the (seconds, step, val/loss) of each validation."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "train.py", *overrides, "hydra.run.dir=outputs/benchmarks/${now:%Y-%m-%d_%H-%M-%S}"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    history: list[tuple[float, int, float]] = []
+    reached = None
+    try:
+        for line in process.stdout:
+            if time.perf_counter() - start > timeout:
+                break
+            if match := VALIDATION.search(line):
+                elapsed, step, loss = time.perf_counter() - start, int(match[1]), float(match[2])
+                history.append((elapsed, step, loss))
+                print(f"  {elapsed:6.1f} s  step {step:5d}  val/loss {loss:.4f}", flush=True)
+                if loss <= target:
+                    reached = elapsed
+                    break
+    finally:
+        process.kill()
+        process.wait()
+    return reached, history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", type=float, default=1.88)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--device", default="cpu", help="for the machine line of the report")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for train.py")
+    args = parser.parse_args()
+
+    times, last_history = [], []
+    for rep in range(args.reps):
+        print(f"rep {rep}: python train.py {' '.join(args.overrides)}", flush=True)
+        reached, last_history = time_to_target(args.overrides, args.target, args.timeout)
+        times.append(reached)
+    reached_all = [t for t in times if t is not None]
+    summary = (f"median {statistics.median(reached_all):.1f} s from launch to val/loss <= {args.target}"
+               if len(reached_all) == len(times) else f"target {args.target} not reached in {len(times) - len(reached_all)} of {len(times)} runs")
+    table = "\n".join(["| s from launch | step | val/loss |", "|---|---|---|"]
+                      + [f"| {t:.1f} | {s} | {v:.4f} |" for t, s, v in last_history])
+    body = f"{summary} (runs: {', '.join('-' if t is None else f'{t:.1f} s' for t in times)}).\n\nLast run's validations:\n\n{table}"
+    append_results(args.results, f"Time to val/loss {args.target}: {' '.join(args.overrides)}",
+                   "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:]), machine_summary(args.device), body)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
