@@ -23,7 +23,7 @@ echo "=== recipe_grid ($(date +%T))"
 grid=("" "optimizer.betas=[0.9,0.99]" "optimizer.betas=[0.9,0.99] optimizer.weight_decay=0.0"
       "scheduler.min_lr_ratio=0.0" "scheduler=constant" "optimizer.betas=[0.9,0.99] scheduler.warmup_steps=200")
 for i in "${!grid[@]}"; do
-  timeout 150 python3 train.py trainer=gpu trainer.precision=32-true data.tokens_on_gpu=false \
+  timeout 100 python3 train.py trainer=gpu trainer.precision=32-true data.tokens_on_gpu=false \
     ~callbacks.progress_bar ~callbacks.early_stopping ${grid[$i]} hydra.run.dir=outputs/grid/$i > "$LOG/grid_$i.txt" 2>&1 &
 done
 wait
