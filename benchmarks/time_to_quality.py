@@ -34,8 +34,10 @@ def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     history: list[tuple[float, int, float]] = []
     reached = None
+    tail: list[str] = []
     try:
         for line in process.stdout:
+            tail = (tail + [line])[-15:]
             if time.perf_counter() - start > timeout:
                 break
             if match := VALIDATION.search(line):
@@ -48,6 +50,8 @@ def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple
     finally:
         process.kill()
         process.wait()
+    if reached is None:
+        print("target not reached; the run's last lines:\n" + "".join(tail), flush=True)
     return reached, history
 
 

@@ -102,6 +102,16 @@ class MiniGPTModule(L.LightningModule):
             self.log_dict({"grad/norm_total" if k.endswith("_total") else "grad/norm/" + k.split("/", 1)[1]: v
                            for k, v in norms.items()})
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which unscales fp16 gradients
+        # inside its step. Without a gradient scaler (fp32, bf16) the gradients are already true: clip them here.
+        if gradient_clip_val and optimizer.defaults.get("fused") and self.trainer.scaler is None:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("a fused optimizer supports gradient_clip_algorithm=norm only")
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         settings = dict(self.hparams.optimizer)
         name = settings.pop("name")
