@@ -11,7 +11,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import nn
-from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from minigpt.data import CharTokenizer
@@ -63,17 +62,27 @@ class MiniGPTModule(L.LightningModule):
                                    "scheduler": scheduler, "grad_norm_every": grad_norm_every})
         self.tokenizer = CharTokenizer(vocab)
         self.model = GPT(GPTConfig(vocab_size=len(vocab), **self.hparams.model))
-        self.train_loss_avg = MeanMetric(nan_strategy="disable")  # no per-step host sync to look for NaNs
         self.val_ppl = Perplexity()
+        self._train_loss_sum: torch.Tensor | None = None  # since the last validation, for the console line
+        self._train_loss_count = 0
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
 
+    def _is_logging_step(self, every: int | None = None) -> bool:
+        """Whether the loggers write on this step: Lightning's rule, checked before the optimizer step."""
+        every = every or self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.train_loss_avg.update(loss.detach())
+        # self.log costs ~1 ms of Python per call (Lightning moves its result state every time), which on a GPU
+        # stalls small models; log only on the steps that are written, which is all the loggers would keep.
+        if self._is_logging_step():
+            self.log("train/loss", loss, prog_bar=True)
+        self._train_loss_sum = loss.detach() + (self._train_loss_sum if self._train_loss_count else 0.0)
+        self._train_loss_count += 1
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -88,8 +97,8 @@ class MiniGPTModule(L.LightningModule):
     def on_validation_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        train_loss = self.train_loss_avg.compute() if self.train_loss_avg.update_count else float("nan")
-        self.train_loss_avg.reset()
+        train_loss = self._train_loss_sum / self._train_loss_count if self._train_loss_count else float("nan")
+        self._train_loss_count = 0
         rank_zero_info(
             f"step {self.global_step}: train/loss {train_loss:.4f} (mean since last validation), "
             f"val/loss {self.trainer.callback_metrics['val/loss']:.4f}"
@@ -97,7 +106,7 @@ class MiniGPTModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Norms before clipping, every `grad_norm_every` steps: one small host sync, not one per step.
-        if self.hparams.grad_norm_every and (self.global_step + 1) % self.hparams.grad_norm_every == 0:
+        if self.hparams.grad_norm_every and self._is_logging_step(self.hparams.grad_norm_every):
             norms = grad_norm(self.model, norm_type=2)
             self.log_dict({"grad/norm_total" if k.endswith("_total") else "grad/norm/" + k.split("/", 1)[1]: v
                            for k, v in norms.items()})

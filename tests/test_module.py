@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -86,3 +88,18 @@ def test_missing_and_damaged_checkpoints_name_the_file(tmp_path, trained_run):
     damaged.write_bytes((trained_run[0] / "checkpoints" / "last.ckpt").read_bytes()[:5000])
     with pytest.raises(ValueError, match="damaged.ckpt.*truncated, damaged"):
         MiniGPTModule.from_checkpoint(damaged)
+
+
+def test_fused_adamw_with_bf16_and_gradient_clipping_trains(cfg_tiny):
+    """trainer=gpu uses fused AdamW under bf16-mixed with clipping, which Lightning alone refuses; CPU has both."""
+    import train
+    from omegaconf import open_dict
+
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.precision = "bf16-mixed"
+        cfg_tiny.trainer.max_steps = 4
+        cfg_tiny.trainer.val_check_interval = 4
+        cfg_tiny.optimizer.fused = True
+        cfg_tiny.logger = None
+    metrics = train.train(cfg_tiny)
+    assert metrics["step"] == 4 and math.isfinite(metrics["val/loss"])
