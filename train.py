@@ -8,7 +8,7 @@ import warnings
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from minigpt.data import TextDataModule
@@ -47,6 +47,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # An entry set to null (as experiments do to drop one) is skipped.
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = make_trainer(cfg, callbacks, loggers)
 
     ckpt_path = str(find_checkpoint(cfg.ckpt_path, prefer="last")) if cfg.ckpt_path else None

@@ -100,6 +100,6 @@ def test_fused_adamw_with_bf16_and_gradient_clipping_trains(cfg_tiny):
         cfg_tiny.trainer.max_steps = 4
         cfg_tiny.trainer.val_check_interval = 4
         cfg_tiny.optimizer.fused = True
-        cfg_tiny.logger = None
+        cfg_tiny.logger = None  # logger=none, with the default callbacks
     metrics = train.train(cfg_tiny)
     assert metrics["step"] == 4 and math.isfinite(metrics["val/loss"])
