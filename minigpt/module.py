@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
@@ -46,7 +46,6 @@ class MiniGPTModule(L.LightningModule):
         model: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
-        grad_norm_every: int = 50,
     ):
         super().__init__()
         optimizer = {"name": "adamw", "lr": 3e-4, **(optimizer or {})}
@@ -60,7 +59,7 @@ class MiniGPTModule(L.LightningModule):
         if scheduler["warmup_steps"] < 0:
             raise ValueError(f"scheduler.warmup_steps must be 0 or more, got {scheduler['warmup_steps']}")
         self.save_hyperparameters({"vocab": vocab, "model": dict(model or {}), "optimizer": optimizer,
-                                   "scheduler": scheduler, "grad_norm_every": grad_norm_every})
+                                   "scheduler": scheduler})
         self.tokenizer = CharTokenizer(vocab)
         self.model = GPT(GPTConfig(vocab_size=len(vocab), **self.hparams.model))
         self.train_loss_avg = MeanMetric(nan_strategy="disable")  # no per-step host sync to look for NaNs
@@ -92,13 +91,6 @@ class MiniGPTModule(L.LightningModule):
             f"step {self.global_step}: train/loss {train_loss:.4f} (mean since last validation), "
             f"val/loss {self.trainer.callback_metrics['val/loss']:.4f}"
         )
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Norms before clipping, every `grad_norm_every` steps: one small host sync, not one per step.
-        if self.hparams.grad_norm_every and (self.global_step + 1) % self.hparams.grad_norm_every == 0:
-            norms = grad_norm(self.model, norm_type=2)
-            self.log_dict({"grad/norm_total" if k.endswith("_total") else "grad/norm/" + k.split("/", 1)[1]: v
-                           for k, v in norms.items()})
 
     def configure_optimizers(self):
         settings = dict(self.hparams.optimizer)
@@ -134,7 +126,9 @@ class MiniGPTModule(L.LightningModule):
         """Rebuild the module from a checkpoint alone, without unpickling arbitrary objects."""
         checkpoint = load_checkpoint(path, map_location)
         try:
-            module = cls(**checkpoint["hyper_parameters"])
+            hparams = dict(checkpoint["hyper_parameters"])
+            hparams.pop("grad_norm_every", None)  # older checkpoints: gradient norms are now the GradientHealth callback's
+            module = cls(**hparams)
             module.load_state_dict(checkpoint["state_dict"])
         except (KeyError, TypeError, RuntimeError) as err:
             raise ValueError(f"{path} is not a minigpt checkpoint ({type(err).__name__}: {err})") from None
