@@ -53,19 +53,27 @@ def attention_heads(weights: np.ndarray, chars: str, title: str) -> Figure:
     """One heatmap per head of a layer, `weights` (nh, T, T): row = the query's character, column = the key's."""
     n_head, T, _ = weights.shape
     labels = [VISIBLE.get(c, c) for c in chars]
-    size = 1.0 + 0.13 * T  # inches per head: room for one character label per row and column
-    figure = Figure(figsize=(size * n_head + 1.0, size + 0.6), layout="constrained")
-    axes = figure.subplots(1, n_head, squeeze=False)[0]
+    side = 0.13 * T  # inches per head: room for one character label per row and column
+    margin_left, margin_bottom, margin_top, colorbar = 0.6, 0.6, 0.5, 0.9
+    width = margin_left + n_head * (side + 0.15) + colorbar
+    height = margin_bottom + side + margin_top
+    # Fixed margins instead of a layout engine: laying out hundreds of tick labels again and again is what
+    # costs time in drawing this figure, and it is drawn at every validation.
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(left=margin_left / width, right=1 - colorbar / width, bottom=margin_bottom / height,
+                           top=1 - margin_top / height, wspace=0.15 / side)
+    axes = figure.subplots(1, n_head, squeeze=False, sharey=True)[0]
     for h, ax in enumerate(axes):
         image = ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_xticks(range(T), labels, fontsize=7, family="monospace")
-        ax.set_yticks(range(T), labels, fontsize=7, family="monospace")
         ax.tick_params(length=0)
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xlabel("key (attended to)", fontsize=8)
-        if h == 0:
-            ax.set_ylabel("query (attending)", fontsize=8)
-    figure.colorbar(image, ax=list(axes), shrink=0.8, label="attention weight")
+    axes[0].set_yticks(range(T), labels, fontsize=7, family="monospace")  # shared by the heads to its right
+    axes[0].set_ylabel("query (attending)", fontsize=8)
+    colorbar_axes = figure.add_axes((1 - colorbar / width + 0.15 / width, margin_bottom / height,
+                                     0.12 / width, side / height))
+    figure.colorbar(image, cax=colorbar_axes, label="attention weight")
     figure.suptitle(title)
     return figure
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from minigpt import plots
+
+
+# TensorBoard's directory watcher logs "No path found after <events file>" at INFO whenever it reaches the newest
+# file, which is every time a run's own events are read back: nothing a user can act on.
+logging.getLogger("tensorboard").addFilter(lambda record: not record.getMessage().startswith("No path found after"))
 
 
 @dataclass
@@ -106,11 +112,17 @@ def read_job(folder: Path) -> Job:
     return Job(folder, [o for o in overrides if not o.startswith("hydra.")], scalars, started, tokens_per_step)
 
 
+def job_number(folder: Path) -> int:
+    """Hydra names a job's folder `<number>_<overrides>`."""
+    head = folder.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
 def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     """Write comparison.png, .md and .csv into a multirun folder; returns their paths."""
     multirun_dir = Path(multirun_dir)
-    folders = [p.parent.parent for p in multirun_dir.glob("*/tensorboard/events.out.tfevents.*")]
-    folders = sorted(set(folders), key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 0, p.name))
+    folders = {p.parent.parent for p in multirun_dir.glob("*/tensorboard/events.out.tfevents.*")}
+    folders = sorted(folders, key=lambda p: (job_number(p), p.name))
     if not folders:
         raise FileNotFoundError(f"No job folders with TensorBoard events under {multirun_dir}: give the folder of a "
                                 "multirun (outputs/multirun/<date>/<time>) or, for one run, its own folder.")
