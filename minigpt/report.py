@@ -12,6 +12,7 @@ import argparse
 import csv
 import logging
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,8 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
 
     val = {label: (job.scalars["val/loss"].steps, job.scalars["val/loss"].values)
            for label, job in zip(labels, jobs) if "val/loss" in job.scalars}
-    title = f"{multirun_dir.name}: val/loss per job" + (f"\ncommon to all jobs: {shared}" if shared else "")
+    title = f"{multirun_dir.name}: val/loss per job" + ("\n" + textwrap.fill(f"common to all jobs: {shared}", 100)
+                                                          if shared else "")
     plot = plots.save(plots.sweep_comparison(val, title), multirun_dir / "comparison.png")
 
     header = ["job", "overrides", "best val/loss", "step", "wall time (s)", "tokens/s"]
