@@ -39,7 +39,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        grad_norm_every=cfg.trainer.log_every_n_steps,  # norms are computed only when they will be written
     )
     if cfg.compile:
         module.model.compile(mode=cfg.compile_mode)  # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`

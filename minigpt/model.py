@@ -6,6 +6,7 @@ self-attention and a GELU MLP, 64 wide, over a context of 128 characters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,17 +26,39 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = self._heads(x)
         # The fused kernel (flash / memory-efficient / CPU flash) builds the causal mask itself, so no
         # (T, T) mask buffer is stored or re-created per step.
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side: (B, T, C)
+        return self._merge(y)
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same output as `forward`, computed step by step so that the attention weights can be returned.
+
+        The fused kernel never materialises the (T, T) weights; this path does, so it is slower and is used
+        only when someone asks to see them (attention maps), never in training.
+        """
+        q, k, v = self._heads(x)
+        T, hs = q.size(-2), q.size(-1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T): how well each query matches each key
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
+        att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)  # each row sums to 1 over the past
+        y = F.dropout(att, self.dropout, self.training) @ v  # (B, nh, T, hs)
+        return self._merge(y), att
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        B, nh, T, hs = y.size()
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # re-assemble the heads side by side: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -64,6 +87,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, att = self.attn.forward_with_attention(self.ln_1(x))
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), att  # (B, T, C), (B, nh, T, T)
 
 
 @dataclass
@@ -126,6 +154,28 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._embed(idx)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits as `forward` gives them, and every head's attention weights: (n_layer, B, nh, T, T).
+
+        Row t of a head's (T, T) map is how much position t takes from each position up to t.
+        """
+        x = self._embed(idx)
+        maps = []
+        for block in self.transformer.h:
+            x, att = block.forward_with_attention(x)
+            maps.append(att)
+        return self.lm_head(self.transformer.ln_f(x)), torch.stack(maps)
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(
@@ -134,15 +184,7 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcast
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        return self.transformer.drop(x)
 
     @torch.no_grad()
     def generate(

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.text import Perplexity
 
@@ -45,7 +45,6 @@ class MiniGPTModule(L.LightningModule):
         model: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
-        grad_norm_every: int = 50,
     ):
         super().__init__()
         optimizer = {"name": "adamw", "lr": 3e-4, **(optimizer or {})}
@@ -59,7 +58,7 @@ class MiniGPTModule(L.LightningModule):
         if scheduler["warmup_steps"] < 0:
             raise ValueError(f"scheduler.warmup_steps must be 0 or more, got {scheduler['warmup_steps']}")
         self.save_hyperparameters({"vocab": vocab, "model": dict(model or {}), "optimizer": optimizer,
-                                   "scheduler": scheduler, "grad_norm_every": grad_norm_every})
+                                   "scheduler": scheduler})
         self.tokenizer = CharTokenizer(vocab)
         self.model = GPT(GPTConfig(vocab_size=len(vocab), **self.hparams.model))
         self.val_ppl = Perplexity()
@@ -69,9 +68,9 @@ class MiniGPTModule(L.LightningModule):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
 
-    def _is_logging_step(self, every: int | None = None) -> bool:
+    def _is_logging_step(self) -> bool:
         """Whether the loggers write on this step: Lightning's rule, checked before the optimizer step."""
-        every = every or self.trainer.log_every_n_steps
+        every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -103,13 +102,6 @@ class MiniGPTModule(L.LightningModule):
             f"step {self.global_step}: train/loss {train_loss:.4f} (mean since last validation), "
             f"val/loss {self.trainer.callback_metrics['val/loss']:.4f}"
         )
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Norms before clipping, every `grad_norm_every` steps: one small host sync, not one per step.
-        if self.hparams.grad_norm_every and self._is_logging_step(self.hparams.grad_norm_every):
-            norms = grad_norm(self.model, norm_type=2)
-            self.log_dict({"grad/norm_total" if k.endswith("_total") else "grad/norm/" + k.split("/", 1)[1]: v
-                           for k, v in norms.items()})
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which unscales fp16 gradients
@@ -155,7 +147,8 @@ class MiniGPTModule(L.LightningModule):
         """Rebuild the module from a checkpoint alone, without unpickling arbitrary objects."""
         checkpoint = load_checkpoint(path, map_location)
         try:
-            module = cls(**checkpoint["hyper_parameters"])
+            hparams = dict(checkpoint["hyper_parameters"])
+            module = cls(**hparams)
             module.load_state_dict(checkpoint["state_dict"])
         except (KeyError, TypeError, RuntimeError) as err:
             raise ValueError(f"{path} is not a minigpt checkpoint ({type(err).__name__}: {err})") from None

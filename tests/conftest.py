@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -32,7 +37,23 @@ TINY = [
     "scheduler.warmup_steps=5",
     "optimizer.lr=3e-3",
     "~callbacks.progress_bar",
+    "callbacks.text_samples.max_new_tokens=60",  # generating is the costliest picture on a CPU
 ]
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """The pixels of a PNG as an (H, W, channels) array."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def assert_is_a_picture(pixels: np.ndarray, min_width: int = 300, min_height: int = 200) -> None:
+    """Big enough to read, and drawn on: more than a blank canvas or a single colour."""
+    height, width = pixels.shape[:2]
+    assert width >= min_width and height >= min_height, (width, height)
+    colours = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)
+    assert len(colours) > 20, f"only {len(colours)} colours: a blank or nearly blank image"
 
 
 def make_text(n_lines: int = 300, seed: int = 0) -> str:
@@ -79,3 +100,21 @@ def trained_run(cfg_tiny_global, tmp_path_factory) -> tuple[Path, dict[str, floa
         cfg.run_dir = str(run_dir)
     metrics = train.train(cfg)
     return run_dir, metrics
+
+
+@pytest.fixture(scope="session")
+def multirun_dir(text_file, tmp_path_factory) -> Path:
+    """A real two-job Hydra multirun (adamw against sgd) of the tiny model, logging to TensorBoard and CSV."""
+    sweep_dir = tmp_path_factory.mktemp("multirun")
+    overrides = [o for o in TINY if not o.startswith("optimizer.")] + [
+        "trainer.max_steps=10", "trainer.val_check_interval=5", "logger=[tensorboard,csv]",
+        "~callbacks.computation_graph", "~callbacks.attention_maps", "~callbacks.text_samples"]  # only events needed
+    # job folders are named by the swept override only: all of them would make a name too long for the file system
+    fixed = ",".join(["data.path"] + [o.split("=")[0].lstrip("~") for o in overrides])
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", "optimizer=adamw,sgd", *overrides, f"data.path={text_file}",
+         f"hydra.sweep.dir={sweep_dir}", f"hydra.job.config.override_dirname.exclude_keys=[{fixed}]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return sweep_dir

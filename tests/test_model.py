@@ -78,3 +78,14 @@ def test_autograd_on_the_lessons_example():
     y = x**2 + 3 * x + 1
     y.backward()
     assert x.grad.item() == 7.0  # dy/dx = 2x + 3 at x = 2
+
+
+def test_attention_path_gives_the_fused_output_and_causal_weights(model):
+    idx = torch.randint(11, (3, 16))
+    fused, _ = model(idx)
+    explicit, maps = model.forward_with_attention(idx)
+    assert torch.allclose(explicit, fused, atol=1e-5)  # the same model, only computed step by step
+    assert maps.shape == (2, 3, 2, 16, 16)  # (n_layer, B, nh, T, T)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 3, 2, 16), atol=1e-5)  # each query's weights sum to 1
+    assert torch.all(maps.triu(diagonal=1) == 0)  # no position attends to a later one
+    assert torch.allclose(maps[..., 0, 0], torch.ones(2, 3, 2))  # the first character can only look at itself

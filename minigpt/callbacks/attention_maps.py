@@ -1,0 +1,60 @@
+"""Attention maps: what each head of each layer looks at, on a fixed piece of validation text.
+
+At every `every_n_validations`-th validation, the text goes through the model's explicit attention path
+(`GPT.forward_with_attention`; training keeps the fused kernel) and each layer's heads are logged as one image,
+`attention/layer_<i>`, with the characters on both axes, and saved as `attention_layer<i>.png` in `dirpath`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from minigpt import plots
+from minigpt.callbacks.tensorboard import add_figure
+from minigpt.model import GPT
+
+
+def attention_figures(model: GPT, idx: torch.Tensor, chars: str) -> list:
+    """One figure per layer for the token ids `idx` (T,) whose characters are `chars`."""
+    with torch.no_grad():
+        _, maps = model.forward_with_attention(idx[None])  # (n_layer, 1, nh, T, T)
+    maps = maps[:, 0].float().cpu().numpy()
+    return [plots.attention_heads(layer, chars, f"layer {i}: attention of each head") for i, layer in enumerate(maps)]
+
+
+class AttentionMaps(Callback):
+    def __init__(self, text: str | None = None, length: int = 32, every_n_validations: int = 1,
+                 dirpath: str | None = None):
+        """
+        Args:
+            text: the text to look at; None = the first `length` characters of the validation split.
+            length: characters of validation text (with text=None); at most the model's block_size is used.
+            every_n_validations: draw at every n-th validation (each draws one image per layer).
+            dirpath: where to save the latest maps as PNG; None = TensorBoard only.
+        """
+        if every_n_validations <= 0 or length <= 0:
+            raise ValueError(f"every_n_validations and length must be positive, got {every_n_validations}, {length}")
+        self.text, self.length, self.every_n_validations = text, length, every_n_validations
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.validations = 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if (self.validations - 1) % self.every_n_validations or not trainer.is_global_zero:
+            return
+        block_size = pl_module.model.config.block_size
+        if self.text is not None:
+            idx = pl_module.tokenizer.encode(self.text[:block_size])
+        else:
+            idx = trainer.datamodule.val_tokens[: min(self.length, block_size)]
+        chars = pl_module.tokenizer.decode(idx)
+        figures = attention_figures(pl_module.model, idx.long().to(pl_module.device), chars)
+        for i, figure in enumerate(figures):
+            add_figure(trainer, f"attention/layer_{i}", figure,
+                       self.dirpath / f"attention_layer{i}.png" if self.dirpath else None)

@@ -1,0 +1,148 @@
+"""Gradient health: does the gradient reach every layer, and how large is each step against the weights?
+
+Every `every_n_steps` optimizer steps (by default the steps the loggers write), before gradient clipping:
+
+    grad/norm_total               the L2 norm of the whole gradient
+    grad/norm/<parameter>         each parameter's gradient norm
+    grad/layer/<layer>            each layer's gradient norm, layers grouped as a reader thinks of them
+    grad/update_ratio/<layer>     lr * |grad| / |w|: the size of a plain SGD step relative to the weights
+                                  (~1e-3 is the usual healthy order; much smaller learns nothing, much larger thrashes)
+
+and a warning in the log when a layer's gradient vanishes or explodes. At each validation, the latest of those
+measurements is drawn as a gradient-flow chart (mean and max |grad| per layer, image `grad/flow`).
+All of it costs one device-to-host copy per measured step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from minigpt import plots
+from minigpt.callbacks.tensorboard import add_figure
+
+log = logging.getLogger(__name__)
+
+
+def layer_of(name: str) -> str:
+    """The layer of a parameter: `embeddings`, `h.<i>.attn`, `h.<i>.mlp`, `ln_f` or `lm_head`.
+
+    A block's first LayerNorm only feeds its attention and its second only feeds its MLP, so each is counted
+    with the sublayer it serves.
+    """
+    parts = name.removeprefix("transformer.").split(".")
+    if parts[0] in ("wte", "wpe"):
+        return "embeddings"
+    if parts[0] == "h" and len(parts) > 2:
+        sublayer = {"ln_1": "attn", "ln_2": "mlp"}.get(parts[2], parts[2])
+        return f"h.{parts[1]}.{sublayer}"
+    return parts[0]
+
+
+@dataclass
+class LayerStats:
+    """Gradient statistics of one layer, from the per-parameter ones."""
+
+    name: str
+    grad_norm: float
+    mean_abs: float
+    max_abs: float
+    update_ratio: float
+
+
+def measure(model: nn.Module, lr_of: dict[int, float]) -> tuple[dict[str, float], list[LayerStats]]:
+    """Per-parameter gradient norms and per-layer statistics, layers in the model's order (input first).
+
+    `lr_of` maps `id(parameter)` to its learning rate. A parameter that got no gradient counts as zero.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    rows = [torch.stack([p.grad.norm(), p.grad.abs().mean(), p.grad.abs().amax(), p.detach().norm()])
+            if p.grad is not None else torch.zeros(4, device=p.device) for _, p in named]
+    values = torch.stack(rows).float().cpu().tolist()  # the one host sync of a measurement
+    param_norms = {name: row[0] for (name, _), row in zip(named, values)}
+
+    layers: dict[str, dict[str, float]] = {}
+    for (name, p), (g_norm, g_mean, g_max, w_norm) in zip(named, values):
+        acc = layers.setdefault(layer_of(name), dict(g_sq=0.0, abs_sum=0.0, n=0, max=0.0, w_sq=0.0, step_sq=0.0))
+        acc["g_sq"] += g_norm**2
+        acc["abs_sum"] += g_mean * p.numel()
+        acc["n"] += p.numel()
+        acc["max"] = max(acc["max"], g_max)
+        acc["w_sq"] += w_norm**2
+        acc["step_sq"] += (lr_of.get(id(p), 0.0) * g_norm) ** 2
+    stats = [LayerStats(name, math.sqrt(a["g_sq"]), a["abs_sum"] / a["n"], a["max"],
+                        math.sqrt(a["step_sq"]) / math.sqrt(a["w_sq"]) if a["w_sq"] > 0 else float("nan"))
+             for name, a in layers.items()]
+    return param_norms, stats
+
+
+class GradientHealth(Callback):
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        vanish_below: float = 1e-7,
+        explode_above: float = 100.0,
+        dirpath: str | None = None,
+    ):
+        """
+        Args:
+            every_n_steps: optimizer steps between measurements; None = `trainer.log_every_n_steps`, the steps
+                the loggers write (a value that is not a multiple of it is measured but not written).
+            vanish_below: warn when a layer's gradient norm is at or below this.
+            explode_above: warn when a layer's gradient norm is above this (before clipping).
+            dirpath: where to save the latest gradient-flow chart as `gradient_flow.png`; None = TensorBoard only.
+        """
+        if every_n_steps is not None and every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be positive or None, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.vanish_below, self.explode_above = vanish_below, explode_above
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.latest: tuple[int, list[LayerStats]] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.every_n_steps is None:
+            self.every_n_steps = trainer.log_every_n_steps
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        # Lightning calls this after unscaling (mixed precision) and before clipping: the true raw gradient.
+        if (trainer.global_step + 1) % self.every_n_steps:
+            return
+        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        param_norms, layers = measure(pl_module.model, lr_of)
+        pl_module.log_dict({
+            "grad/norm_total": math.sqrt(sum(n**2 for n in param_norms.values())),
+            **{f"grad/norm/{name}": value for name, value in param_norms.items()},
+            **{f"grad/layer/{s.name}": s.grad_norm for s in layers},
+            **{f"grad/update_ratio/{s.name}": s.update_ratio for s in layers},
+        })
+        self.latest = (trainer.global_step, layers)
+        if trainer.is_global_zero:
+            self.warn(trainer.global_step, layers)
+
+    def warn(self, step: int, layers: list[LayerStats]) -> None:
+        vanished = [f"{s.name} ({s.grad_norm:.1e})" for s in layers if s.grad_norm <= self.vanish_below]
+        exploded = [f"{s.name} ({s.grad_norm:.1e})" for s in layers if s.grad_norm > self.explode_above]
+        if vanished:
+            log.warning("step %d: the gradient vanishes (norm <= %.0e) in %s: these layers are not learning. "
+                        "Look for a dead activation, a detached tensor or a learning rate that is far too high.",
+                        step, self.vanish_below, ", ".join(vanished))
+        if exploded:
+            log.warning("step %d: the gradient explodes (norm > %.0e) in %s. Lower optimizer.lr, add warmup "
+                        "(scheduler.warmup_steps) or clip harder (trainer.gradient_clip_val).",
+                        step, self.explode_above, ", ".join(exploded))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.latest is None:
+            return
+        step, layers = self.latest
+        figure = plots.gradient_flow([s.name for s in layers], [s.mean_abs for s in layers],
+                                     [s.max_abs for s in layers], f"gradient flow at step {step} (before clipping)")
+        add_figure(trainer, "grad/flow", figure, self.dirpath / "gradient_flow.png" if self.dirpath else None)

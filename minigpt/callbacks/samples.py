@@ -1,0 +1,44 @@
+"""Generated samples during training: at each validation, a fixed-length continuation of a prompt.
+
+Logged as TensorBoard text `samples/<prompt>` at the validation's step, so the Text tab shows the model going
+from noise to words to Shakespeare-shaped lines. The generator is seeded, so samples differ only by the weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from minigpt.callbacks.tensorboard import writers
+
+
+def as_markdown(text: str) -> str:
+    """TensorBoard renders text as Markdown: a fenced code block keeps line breaks and spaces as they are."""
+    return "```\n" + text.replace("```", "` ` `") + "\n```"
+
+
+class TextSamples(Callback):
+    def __init__(self, prompt: str = "ROMEO:", max_new_tokens: int = 200, temperature: float = 0.8, seed: int = 1337):
+        if max_new_tokens <= 0 or temperature <= 0:
+            raise ValueError(f"max_new_tokens and temperature must be positive, got {max_new_tokens}, {temperature}")
+        self.prompt, self.max_new_tokens, self.temperature, self.seed = prompt, max_new_tokens, temperature, seed
+        self.tag = "samples/" + (re.sub(r"[^A-Za-z0-9_]+", "_", prompt).strip("_") or "prompt")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        targets = writers(trainer)
+        if trainer.sanity_checking or not trainer.is_global_zero or not targets:
+            return
+        text = self.generate(pl_module)
+        for writer in targets:
+            writer.add_text(self.tag, as_markdown(text), trainer.global_step)
+
+    def generate(self, pl_module: L.LightningModule) -> str:
+        device = pl_module.device
+        idx = pl_module.tokenizer.encode(self.prompt).long().to(device)[None]  # (1, T)
+        generator = torch.Generator(device).manual_seed(self.seed)
+        # Lightning puts the model in eval mode (no dropout) until after on_validation_end
+        out = pl_module.model.generate(idx, self.max_new_tokens, temperature=self.temperature, generator=generator)
+        return pl_module.tokenizer.decode(out[0])

@@ -1,0 +1,54 @@
+"""The computation graph: what `loss.backward()` walks, drawn by torchviz and Graphviz.
+
+Blue boxes are the parameters (named as in the checkpoint), grey boxes the backward function of each operation
+from the loss back to them. Rendering needs Graphviz's `dot` program; without it the Graphviz source is written
+instead, with the command that renders it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import graphviz
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchviz import make_dot
+
+from minigpt.model import GPT
+
+log = logging.getLogger(__name__)
+
+
+def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, path: str | Path) -> Path:
+    """Draw the autograd graph of the loss on (idx, targets) to `path` (.svg, .png or .pdf); returns the file written.
+
+    Where `dot` is missing, writes `path` with the suffix `.dot` instead and says in the log how to render it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.enable_grad():
+        _, loss = model(idx, targets)
+    graph = make_dot(loss, params=dict(model.named_parameters()))
+    try:
+        graph.render(outfile=path, cleanup=True)  # the format comes from the suffix
+        return path
+    except graphviz.ExecutableNotFound:
+        source = path.with_suffix(".dot")
+        source.write_text(graph.source)
+        log.warning("Graphviz's `dot` program is not installed, so the graph was not drawn; its source is in %s. "
+                    "Install Graphviz (apt-get install graphviz, brew install graphviz or conda install graphviz) "
+                    "and render it with: dot -T%s %s -o %s", source, path.suffix.lstrip(".") or "svg", source, path)
+        return source
+
+
+def add_model_graph(writer: SummaryWriter, model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> None:
+    """The model's forward graph in TensorBoard's Graphs tab (traced once by `torch.jit.trace`)."""
+    with warnings.catch_warnings():
+        # the tracer's deprecation notice and its remarks on Python-level shape checks say nothing about the model
+        warnings.simplefilter("ignore")
+        try:
+            writer.add_graph(model, (idx, targets))
+        except Exception as err:  # the tracer fails in many ways (e.g. on a torch.compile'd model); the run goes on
+            log.warning("Could not trace the model for TensorBoard's Graphs tab (%s: %s)", type(err).__name__, err)

@@ -1,0 +1,110 @@
+"""Look inside a trained model: python -m minigpt.inspect ckpt_path=<checkpoint or run folder> what=<inspection>.
+
+    what=grads       the lesson's check: mean |grad| and std of every parameter for one batch, as a table,
+                     and the gradient-flow chart (gradient_flow.png)
+    what=attention   each layer's heads on `text` (attention_layer<i>.png)
+    what=graph       the autograd graph of the loss on `text` (graph.svg; graph.dot where Graphviz is missing)
+
+Pictures go to <run folder>/inspect unless out_dir= says otherwise. The checkpoint is loaded with
+`MiniGPTModule.from_checkpoint` (tensors and plain containers only); the text comes from `data` as in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from minigpt import plots
+from minigpt.callbacks.attention_maps import attention_figures
+from minigpt.callbacks.gradient_health import measure
+from minigpt.data import TextDataModule
+from minigpt.graph import render_autograd_graph
+from minigpt.module import MiniGPTModule, find_checkpoint
+
+INSPECTIONS = ("grads", "attention", "graph")
+
+
+def inspect(cfg: DictConfig) -> list[Path]:
+    """Run the inspection `cfg.what` on `cfg.ckpt_path`; returns the files written."""
+    if cfg.what not in INSPECTIONS:
+        raise ValueError(f"what={cfg.what} is not one of {', '.join(INSPECTIONS)}")
+    path = find_checkpoint(cfg.ckpt_path, prefer="best")
+    module = MiniGPTModule.from_checkpoint(path)
+    model = module.model.eval()  # no dropout: the numbers are those of the model itself
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "inspect"
+
+    if cfg.what == "grads":
+        x, y = validation_batch(cfg, module)
+        print(gradient_table(model, x, y))
+        _, layers = measure(model, lr_of={})
+        figure = plots.gradient_flow([s.name for s in layers], [s.mean_abs for s in layers],
+                                     [s.max_abs for s in layers], f"gradient flow of {path.name} on one batch")
+        return [plots.save(figure, out_dir / "gradient_flow.png")]
+
+    ids = text_ids(cfg, module)
+    if cfg.what == "attention":
+        figures = attention_figures(model, ids, module.tokenizer.decode(ids))
+        return [plots.save(figure, out_dir / f"attention_layer{i}.png") for i, figure in enumerate(figures)]
+    return [render_autograd_graph(model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file)]
+
+
+def validation_data(cfg: DictConfig, module: MiniGPTModule) -> TextDataModule:
+    datamodule = hydra.utils.instantiate(cfg.data, block_size=module.model.config.block_size,
+                                         batch_size=cfg.batch_size)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    if datamodule.tokenizer.vocab != module.tokenizer.vocab:
+        raise ValueError("The data's characters are not the checkpoint's vocabulary: give the text the model was "
+                         "trained on (data.path=...), or pass text=... to look at your own text.")
+    return datamodule
+
+
+def validation_batch(cfg: DictConfig, module: MiniGPTModule) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = validation_data(cfg, module).val_set.tensors
+    return x[: cfg.batch_size], y[: cfg.batch_size]  # (B, T) each
+
+
+def text_ids(cfg: DictConfig, module: MiniGPTModule) -> torch.Tensor:
+    """Token ids (T,) of `cfg.text`, or of the validation split's first `cfg.length` characters; T <= block_size."""
+    block_size = module.model.config.block_size
+    if cfg.text:
+        if len(cfg.text) < 2:
+            raise ValueError("text must have at least 2 characters (the graph needs a next character to predict)")
+        try:
+            return module.tokenizer.encode(cfg.text[:block_size]).long()
+        except ValueError as err:
+            raise ValueError(f"The text {cfg.text!r} cannot be encoded: {err}") from None
+    return validation_data(cfg, module).val_tokens[: min(cfg.length, block_size)].long()
+
+
+def gradient_table(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
+    """Backpropagate the loss of one batch; one line per parameter: shape, mean |grad| and std of the gradient."""
+    model.zero_grad(set_to_none=True)
+    _, loss = model(x, y)
+    loss.backward()
+    names = [name for name, _ in model.named_parameters()]
+    width = max(map(len, names))
+    lines = [f"loss {loss.item():.4f} on a batch of {x.size(0)} windows of {x.size(1)} characters", "",
+             f"{'parameter':<{width}}  {'shape':<14} {'mean |grad|':>12} {'std':>12}"]
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        lines.append(f"{name:<{width}}  {str(tuple(p.shape)):<14} {g.abs().mean().item():12.3e} {g.std().item():12.3e}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="inspect")
+def main(cfg: DictConfig) -> None:
+    try:
+        written = inspect(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Every chart minigpt draws: gradient flow, attention maps, loss curves and sweep comparisons.
+
+Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas, never through pyplot: no GUI
+backend is picked, no global figure state is kept, so drawing works the same on a headless server, in a test,
+and inside a notebook that uses another backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# Characters that would be invisible or break the line on an axis
+VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
+
+
+def to_array(figure: Figure) -> np.ndarray:
+    """The figure's pixels as an (H, W, 3) uint8 array, the image TensorBoard's `add_image` takes."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure).print_figure(path, dpi=figure.dpi)
+    return path
+
+
+def gradient_flow(layers: list[str], mean_abs: list[float], max_abs: list[float], title: str) -> Figure:
+    """Mean and max |grad| of each layer, input side on the left: a healthy network has bars of similar height."""
+    figure = Figure(figsize=(max(6.0, 0.45 * len(layers) + 2), 4.5), layout="constrained")
+    ax = figure.add_subplot()
+    x = np.arange(len(layers))
+    # zeros cannot be drawn on a log axis: a vanished gradient shows as a missing bar, which is the point
+    ax.bar(x, max_abs, width=0.8, color="tab:cyan", alpha=0.5, label="max |grad|")
+    ax.bar(x, mean_abs, width=0.8, color="tab:blue", label="mean |grad|")
+    ax.set_yscale("log")
+    ax.set_xticks(x, layers, rotation=60, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
+    ax.set_ylabel("|gradient|")
+    ax.set_title(title)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    ax.legend(loc="upper right")
+    return figure
+
+
+def attention_heads(weights: np.ndarray, chars: str, title: str) -> Figure:
+    """One heatmap per head of a layer, `weights` (nh, T, T): row = the query's character, column = the key's."""
+    n_head, T, _ = weights.shape
+    labels = [VISIBLE.get(c, c) for c in chars]
+    side = 0.13 * T  # inches per head: room for one character label per row and column
+    margin_left, margin_bottom, margin_top, colorbar = 0.6, 0.6, 0.5, 0.9
+    width = margin_left + n_head * (side + 0.15) + colorbar
+    height = margin_bottom + side + margin_top
+    # Fixed margins instead of a layout engine: laying out hundreds of tick labels again and again is what
+    # costs time in drawing this figure, and it is drawn at every validation.
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(left=margin_left / width, right=1 - colorbar / width, bottom=margin_bottom / height,
+                           top=1 - margin_top / height, wspace=0.15 / side)
+    axes = figure.subplots(1, n_head, squeeze=False, sharey=True)[0]
+    for h, ax in enumerate(axes):
+        image = ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(T), labels, fontsize=7, family="monospace")
+        ax.tick_params(length=0)
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+    axes[0].set_yticks(range(T), labels, fontsize=7, family="monospace")  # shared by the heads to its right
+    axes[0].set_ylabel("query (attending)", fontsize=8)
+    colorbar_axes = figure.add_axes((1 - colorbar / width + 0.15 / width, margin_bottom / height,
+                                     0.12 / width, side / height))
+    figure.colorbar(image, cax=colorbar_axes, label="attention weight")
+    figure.suptitle(title)
+    return figure
+
+
+def loss_curve(train: tuple[list, list], val: tuple[list, list], lr: tuple[list, list] | None, title: str) -> Figure:
+    """Train and validation loss against step, each a (steps, values) pair; the learning rate on a second axis."""
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.add_subplot()
+    ax.plot(*train, color="tab:blue", alpha=0.8, label="train/loss")
+    ax.plot(*val, color="tab:orange", marker="o", label="val/loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats per character)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lr is not None and lr[0]:
+        ax_lr = ax.twinx()
+        ax_lr.plot(*lr, color="tab:gray", linestyle="--", label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_ylim(bottom=0)
+        more_handles, more_labels = ax_lr.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title(title)
+    return figure
+
+
+def sweep_comparison(curves: dict[str, tuple[list, list]], title: str) -> Figure:
+    """Each job's validation loss against step, labelled by what sets it apart from the other jobs."""
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.add_subplot()
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val/loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return figure

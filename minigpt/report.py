@@ -1,0 +1,179 @@
+"""Loss curves and sweep comparisons as pictures and tables, read back from the TensorBoard events of runs.
+
+    python -m minigpt.report <run folder>        writes loss_curve.png there (train.py does it at the end of a run)
+    python -m minigpt.report <multirun folder>   writes comparison.png, comparison.md and comparison.csv there:
+                                                 each job's validation curve, labelled by its overrides, and a
+                                                 table of best val/loss, its step, wall time and tokens per second
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from minigpt import plots
+
+
+# TensorBoard's directory watcher logs "No path found after <events file>" at INFO whenever it reaches the newest
+# file, which is every time a run's own events are read back: nothing a user can act on.
+logging.getLogger("tensorboard").addFilter(lambda record: not record.getMessage().startswith("No path found after"))
+
+
+@dataclass
+class Series:
+    steps: list[int]
+    values: list[float]
+    wall_times: list[float]  # seconds since the epoch, when each value was written
+
+
+def read_scalars(events_dir: str | Path) -> tuple[dict[str, Series], float]:
+    """Every scalar series in a folder of TensorBoard events, and the time the first event was written."""
+    events_dir = Path(events_dir)
+    if not any(events_dir.glob("events.out.tfevents.*")):
+        raise FileNotFoundError(
+            f"No TensorBoard events in {events_dir}. Reports are read from the events of the TensorBoard logger "
+            "(logger=tensorboard, the default); runs made with logger=csv or logger=none have none."
+        )
+    events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})  # 0 = keep every point
+    events.Reload()
+    scalars = {}
+    for tag in events.Tags()["scalars"]:
+        points = events.Scalars(tag)
+        scalars[tag] = Series([p.step for p in points], [p.value for p in points], [p.wall_time for p in points])
+    return scalars, events.FirstEventTimestamp()
+
+
+def learning_rate(scalars: dict[str, Series]) -> Series | None:
+    """The learning rate LearningRateMonitor logged: of the decayed parameter group if there are several."""
+    tags = sorted(t for t in scalars if t.startswith("train/lr"))
+    return scalars["train/lr/decay"] if "train/lr/decay" in scalars else (scalars[tags[0]] if tags else None)
+
+
+def best(series: Series | None) -> tuple[float, int]:
+    """The lowest value of a series and its step; (nan, -1) for a missing or empty one."""
+    if series is None or not series.values:
+        return float("nan"), -1
+    i = min(range(len(series.values)), key=series.values.__getitem__)
+    return series.values[i], series.steps[i]
+
+
+def write_loss_curve(scalars: dict[str, Series], path: str | Path, title: str) -> Path:
+    empty = Series([], [], [])
+    train, val, lr = scalars.get("train/loss", empty), scalars.get("val/loss", empty), learning_rate(scalars)
+    figure = plots.loss_curve((train.steps, train.values), (val.steps, val.values),
+                              (lr.steps, lr.values) if lr else None, title)
+    return plots.save(figure, path)
+
+
+def loss_curve_title(folder: Path, scalars: dict[str, Series]) -> str:
+    name = "/".join(folder.parts[-2:])  # <date>/<time>, or <time>/<job> in a multirun
+    value, step = best(scalars.get("val/loss"))
+    return f"{name}: best val/loss {value:.4f} at step {step}" if step >= 0 else name
+
+
+@dataclass
+class Job:
+    folder: Path
+    overrides: list[str]
+    scalars: dict[str, Series]
+    started: float
+    tokens_per_step: int
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds from the first event (the start of fitting) to the last value written."""
+        return max((s.wall_times[-1] for s in self.scalars.values() if s.wall_times), default=self.started) - self.started
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training throughput between the first and last logged training steps, validations included."""
+        train = self.scalars.get("train/loss")
+        if train is None or len(train.steps) < 2 or train.wall_times[-1] <= train.wall_times[0]:
+            return float("nan")
+        return (train.steps[-1] - train.steps[0]) * self.tokens_per_step / (train.wall_times[-1] - train.wall_times[0])
+
+
+def read_job(folder: Path) -> Job:
+    hydra_dir = folder / ".hydra"
+    overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
+    config = yaml.safe_load((hydra_dir / "config.yaml").read_text())  # read as YAML: no interpolation is resolved
+    trainer = config["trainer"]
+    devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) and trainer["devices"] > 0 else 1
+    tokens_per_step = (config["data"]["batch_size"] * config["model"]["block_size"]
+                       * trainer.get("accumulate_grad_batches", 1) * devices * trainer.get("num_nodes", 1))
+    scalars, started = read_scalars(folder / "tensorboard")
+    return Job(folder, [o for o in overrides if not o.startswith("hydra.")], scalars, started, tokens_per_step)
+
+
+def job_number(folder: Path) -> int:
+    """Hydra names a job's folder `<number>_<overrides>`."""
+    head = folder.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def compare_sweep(multirun_dir: str | Path) -> list[Path]:
+    """Write comparison.png, .md and .csv into a multirun folder; returns their paths."""
+    multirun_dir = Path(multirun_dir)
+    folders = {p.parent.parent for p in multirun_dir.glob("*/tensorboard/events.out.tfevents.*")}
+    folders = sorted(folders, key=lambda p: (job_number(p), p.name))
+    if not folders:
+        raise FileNotFoundError(f"No job folders with TensorBoard events under {multirun_dir}: give the folder of a "
+                                "multirun (outputs/multirun/<date>/<time>) or, for one run, its own folder.")
+    jobs = [read_job(folder) for folder in folders]
+    common = set.intersection(*(set(job.overrides) for job in jobs))
+    labels = [" ".join(o for o in job.overrides if o not in common) or job.folder.name for job in jobs]
+    shared = " ".join(sorted(common))
+
+    val = {label: (job.scalars["val/loss"].steps, job.scalars["val/loss"].values)
+           for label, job in zip(labels, jobs) if "val/loss" in job.scalars}
+    title = f"{multirun_dir.name}: val/loss per job" + ("\n" + textwrap.fill(f"common to all jobs: {shared}", 100)
+                                                          if shared else "")
+    plot = plots.save(plots.sweep_comparison(val, title), multirun_dir / "comparison.png")
+
+    header = ["job", "overrides", "best val/loss", "step", "wall time (s)", "tokens/s"]
+    rows = []
+    for label, job in zip(labels, jobs):
+        value, step = best(job.scalars.get("val/loss"))
+        rows.append([job.folder.name, label, f"{value:.4f}", str(step), f"{job.wall_time:.1f}",
+                     "nan" if math.isnan(job.tokens_per_second) else f"{job.tokens_per_second:.0f}"])
+    table_csv = multirun_dir / "comparison.csv"
+    with table_csv.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    lines = [f"# {multirun_dir}", ""] + ([f"Common to all jobs: `{shared}`", ""] if shared else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(f"`{c}`" if i == 1 else c for i, c in enumerate(row)) + " |" for row in rows]
+    table_md = multirun_dir / "comparison.md"
+    table_md.write_text("\n".join(lines) + "\n")
+    return [plot, table_md, table_csv]
+
+
+def report(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if (folder / "tensorboard").is_dir():
+        scalars, _ = read_scalars(folder / "tensorboard")
+        return [write_loss_curve(scalars, folder / "loss_curve.png", loss_curve_title(folder, scalars))]
+    return compare_sweep(folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minigpt.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a run folder (outputs/<date>/<time>) or a multirun folder")
+    args = parser.parse_args(argv)
+    try:
+        written = report(args.folder)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The callbacks that show what training does: each checked on the shared tiny run and by its own properties."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from minigpt.callbacks.gradient_health import GradientHealth, layer_of, measure
+from minigpt.callbacks.samples import as_markdown
+from minigpt.graph import render_autograd_graph
+from minigpt.model import GPT, GPTConfig
+from tests.conftest import assert_is_a_picture, decode_png
+
+LAYERS = ["embeddings", "h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp", "ln_f", "lm_head"]  # the tiny model's
+
+
+@pytest.fixture(scope="module")
+def events(trained_run) -> EventAccumulator:
+    accumulator = EventAccumulator(str(trained_run[0] / "tensorboard"), size_guidance={"scalars": 0, "images": 0,
+                                                                                     "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.fixture
+def model_with_gradients() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(11, (4, 16))
+    _, loss = model(idx, torch.roll(idx, -1, dims=1))
+    loss.backward()
+    return model
+
+
+def test_parameters_are_grouped_into_the_layers_a_reader_thinks_in(model_with_gradients):
+    groups = [layer_of(name) for name, _ in model_with_gradients.named_parameters()]
+    assert list(dict.fromkeys(groups)) == LAYERS  # input side first, as the gradient-flow chart draws them
+    assert layer_of("transformer.h.1.ln_2.weight") == "h.1.mlp" and layer_of("transformer.h.0.ln_1.bias") == "h.0.attn"
+
+
+def test_layer_statistics_and_update_ratio(model_with_gradients):
+    model = model_with_gradients
+    lr_of = {id(p): 0.1 for p in model.parameters()}
+    param_norms, layers = measure(model, lr_of)
+    by_name = {s.name: s for s in layers}
+    ln_f = [p for n, p in model.named_parameters() if n.startswith("transformer.ln_f")]
+    grad_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ln_f]))
+    weight_norm = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in ln_f]))
+    assert by_name["ln_f"].grad_norm == pytest.approx(float(grad_norm), rel=1e-5)
+    assert by_name["ln_f"].update_ratio == pytest.approx(float(0.1 * grad_norm / weight_norm), rel=1e-5)
+    head = model.lm_head.weight.grad
+    assert by_name["lm_head"].mean_abs == pytest.approx(float(head.abs().mean()), rel=1e-5)
+    assert by_name["lm_head"].max_abs == pytest.approx(float(head.abs().max()), rel=1e-5)
+    total = math.sqrt(sum(v**2 for v in param_norms.values()))
+    assert total == pytest.approx(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))), rel=1e-5)
+
+
+def test_vanishing_and_exploding_gradients_are_named_in_the_log(model_with_gradients, caplog):
+    model = model_with_gradients
+    block = model.transformer.h[0]
+    for p in [*block.ln_2.parameters(), *block.mlp.parameters()]:
+        p.grad.zero_()  # a dead layer: the MLP and the LayerNorm that feeds it
+    model.lm_head.weight.grad.mul_(1e6)  # a blown-up one
+    _, layers = measure(model, {})
+    with caplog.at_level(logging.WARNING):
+        GradientHealth().warn(step=123, layers=layers)
+    vanished, exploded = (r.getMessage() for r in caplog.records)
+    assert "step 123" in vanished and "vanishes" in vanished and "h.0.mlp" in vanished and "h.1.mlp" not in vanished
+    assert "step 123" in exploded and "explodes" in exploded and "lm_head" in exploded and "h.0.attn" not in exploded
+
+
+def test_healthy_gradients_give_no_warning(model_with_gradients, caplog):
+    _, layers = measure(model_with_gradients, {})
+    with caplog.at_level(logging.WARNING):
+        GradientHealth().warn(step=1, layers=layers)
+    assert not caplog.records
+
+
+def test_gradient_scalars_are_written_only_on_logging_steps(events):
+    tags = set(events.Tags()["scalars"])
+    assert {f"grad/layer/{layer}" for layer in LAYERS} <= tags
+    assert {f"grad/update_ratio/{layer}" for layer in LAYERS} <= tags
+    assert len(events.Scalars("grad/norm_total")) == 4  # 40 steps, written every 10: measured 4 times, not 40
+    for layer in LAYERS:
+        ratios = [e.value for e in events.Scalars(f"grad/update_ratio/{layer}")]
+        norms = [e.value for e in events.Scalars(f"grad/layer/{layer}")]
+        assert all(0 < r < 1 for r in ratios), (layer, ratios)  # a step is a small fraction of the weights
+        assert all(0 < n < 100 and math.isfinite(n) for n in norms), (layer, norms)
+    # the per-layer norms add up to the total
+    total = events.Scalars("grad/norm_total")[-1].value
+    assert math.sqrt(sum(events.Scalars(f"grad/layer/{layer}")[-1].value ** 2 for layer in LAYERS)) == pytest.approx(total, rel=1e-4)
+
+
+def test_gradient_flow_chart_is_an_image_in_tensorboard_and_the_run_folder(events, trained_run):
+    flow = events.Images("grad/flow")
+    assert [e.step for e in flow] == [20, 40]  # one chart per validation
+    pixels = decode_png(flow[-1].encoded_image_string)
+    assert_is_a_picture(pixels)
+    saved = decode_png((trained_run[0] / "gradient_flow.png").read_bytes())
+    assert saved.shape[:2] == pixels.shape[:2]
+
+
+def test_attention_maps_have_one_image_per_layer(events, trained_run):
+    for layer in range(2):
+        images = events.Images(f"attention/layer_{layer}")
+        assert [e.step for e in images] == [20, 40]
+        pixels = decode_png(images[-1].encoded_image_string)
+        assert_is_a_picture(pixels)
+        assert pixels.shape[1] > pixels.shape[0]  # the 2 heads side by side
+        assert (trained_run[0] / f"attention_layer{layer}.png").is_file()
+
+
+def test_samples_are_logged_as_text_at_each_validation(events):
+    tag = next(t for t in events.Tags()["tensors"] if t.startswith("samples/ROMEO"))
+    samples = events.Tensors(tag)
+    assert [e.step for e in samples] == [20, 40]
+    text = samples[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("```\nROMEO:") and text.endswith("\n```")
+    assert len(text) == len("```\n\n```") + len("ROMEO:") + 60  # the prompt and max_new_tokens new characters
+
+
+def test_markdown_keeps_line_breaks():
+    assert as_markdown("ROMEO:\nO, she doth\n  teach") == "```\nROMEO:\nO, she doth\n  teach\n```"
+
+
+def test_graph_names_the_parameters_and_is_in_tensorboard(events, trained_run):
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's `dot` is not installed (apt-get install graphviz): the run wrote graph.dot instead")
+    svg = ET.parse(trained_run[0] / "graph.svg").getroot()
+    text = " ".join(t.text or "" for t in svg.iter("{http://www.w3.org/2000/svg}text"))
+    assert "transformer.h.0.attn.c_attn.weight" in text and "lm_head.weight" in text  # parameters by name
+    assert "NllLossBackward" in text  # the graph starts at the loss
+    assert events.Tags()["graph"]  # TensorBoard's Graphs tab has the model
+    assert any("c_attn" in node.name for node in events.Graph().node)
+
+
+def test_graph_without_graphviz_writes_the_source_and_how_to_render_it(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `dot` anywhere
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    idx = torch.randint(11, (1, 8))
+    with caplog.at_level(logging.WARNING):
+        written = render_autograd_graph(model, idx, idx, tmp_path / "graph.svg")
+    assert written == tmp_path / "graph.dot" and not (tmp_path / "graph.svg").exists()
+    assert written.read_text().startswith("digraph") and "lm_head.weight" in written.read_text()
+    assert f"dot -Tsvg {written} -o {tmp_path / 'graph.svg'}" in caplog.text
+
+
+def test_loss_curve_and_hparams_at_the_end_of_the_run(events, trained_run):
+    run_dir, metrics = trained_run
+    assert_is_a_picture(decode_png((run_dir / "loss_curve.png").read_bytes()), min_width=600, min_height=300)
+    best = min(e.value for e in events.Scalars("val/loss"))
+    assert events.Scalars("val/loss_best")[-1].value == pytest.approx(best)
+    assert metrics["val/loss_best"] == pytest.approx(best, abs=1e-4)  # the checkpoint callback agrees
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert start.hparams["optimizer/lr"].number_value == pytest.approx(3e-3)
+    assert start.hparams["model/n_layer"].number_value == 2
+    assert start.hparams["data/batch_size"].number_value == 8
+    assert "vocab" not in start.hparams

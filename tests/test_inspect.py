@@ -1,0 +1,67 @@
+"""python -m minigpt.inspect: gradient table, attention maps and graph for a checkpoint."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from minigpt.inspect import inspect
+from tests.conftest import CONF, ROOT, assert_is_a_picture, decode_png
+
+
+def compose_inspect(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="inspect", overrides=overrides)
+
+
+@pytest.fixture
+def inspect_cfg(trained_run, text_file, tmp_path):
+    return lambda *overrides: compose_inspect([f"ckpt_path={trained_run[0]}", f"data.path={text_file}",
+                                               f"out_dir={tmp_path}", *overrides])
+
+
+def test_gradient_table_has_every_parameter(inspect_cfg, capsys, trained_run):
+    from minigpt.module import MiniGPTModule
+
+    (chart,) = inspect(inspect_cfg("what=grads"))
+    table = capsys.readouterr().out.splitlines()
+    names = [n for n, _ in MiniGPTModule.from_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt").model.named_parameters()]
+    rows = {line.split()[0]: line.split() for line in table[3:]}
+    assert list(rows) == names
+    for name, row in rows.items():
+        mean_abs, std = float(row[-2]), float(row[-1])
+        assert 0 < mean_abs < 10 and math.isfinite(std), (name, row)
+    assert table[0].startswith("loss ") and "8 windows of 16 characters" in table[0]
+    assert_is_a_picture(decode_png(chart.read_bytes()))
+
+
+def test_attention_maps_of_a_given_text(inspect_cfg):
+    written = inspect(inspect_cfg("what=attention", "text='ROMEO: the king'"))
+    assert [p.name for p in written] == ["attention_layer0.png", "attention_layer1.png"]
+    for path in written:
+        assert_is_a_picture(decode_png(path.read_bytes()))
+
+
+def test_graph_of_a_checkpoint(inspect_cfg, tmp_path):
+    (graph,) = inspect(inspect_cfg("what=graph", "graph_file=loss.svg"))
+    assert graph == tmp_path / "loss.svg" and "transformer.wte.weight" in graph.read_text()
+
+
+def test_unknown_inspection_and_foreign_text_are_refused(inspect_cfg):
+    with pytest.raises(ValueError, match="grads, attention, graph"):
+        inspect(inspect_cfg("what=weights"))
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        inspect(inspect_cfg("what=attention", "text='ROMEO#'"))
+
+
+@pytest.mark.slow
+def test_inspect_command_line(trained_run, text_file, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "minigpt.inspect", f"ckpt_path={trained_run[0]}", f"data.path={text_file}", "what=grads",
+         f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mean |grad|" in out.stdout and f"wrote {tmp_path / 'gradient_flow.png'}" in out.stdout

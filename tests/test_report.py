@@ -1,0 +1,70 @@
+"""Loss curves and sweep comparisons, read back from the TensorBoard events of runs."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from minigpt.report import compare_sweep, read_scalars, report
+from tests.conftest import ROOT, assert_is_a_picture, decode_png
+
+
+def fake_sweep(trained_run, cfg, folder, jobs):
+    """A multirun folder whose jobs are copies of the shared run, each with the .hydra files Hydra writes."""
+    for i, overrides in enumerate(jobs):
+        job = folder / f"{i}_{','.join(overrides)}"
+        shutil.copytree(trained_run[0] / "tensorboard", job / "tensorboard")
+        (job / ".hydra").mkdir()
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=tiny", *overrides]))
+        OmegaConf.save(cfg, job / ".hydra" / "config.yaml")  # interpolations left as they are, as Hydra does
+
+
+def test_sweep_table_has_each_jobs_best_loss_and_throughput(trained_run, cfg_tiny_global, tmp_path):
+    fake_sweep(trained_run, cfg_tiny_global, tmp_path, [["optimizer=adamw"], ["optimizer=sgd"]])
+    plot, table_md, table_csv = compare_sweep(tmp_path)
+    assert_is_a_picture(decode_png(plot.read_bytes()), min_width=600, min_height=300)
+    rows = list(csv.DictReader(table_csv.open()))
+    assert [r["overrides"] for r in rows] == ["optimizer=adamw", "optimizer=sgd"]  # model=tiny is common to both
+    scalars, _ = read_scalars(trained_run[0] / "tensorboard")
+    best = min(scalars["val/loss"].values)
+    for row in rows:
+        assert float(row["best val/loss"]) == pytest.approx(best, abs=1e-4)
+        assert int(row["step"]) == scalars["val/loss"].steps[scalars["val/loss"].values.index(min(scalars["val/loss"].values))]
+        assert float(row["wall time (s)"]) > 0 and float(row["tokens/s"]) > 0
+    markdown = table_md.read_text()
+    assert "Common to all jobs: `model=tiny`" in markdown
+    assert markdown.count("\n| 0_") + markdown.count("\n| 1_") == 2
+
+
+def test_report_on_a_run_folder_draws_its_loss_curve(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0] / "tensorboard", run / "tensorboard")
+    (written,) = report(run)
+    assert written == run / "loss_curve.png"
+    assert_is_a_picture(decode_png(written.read_bytes()), min_width=600, min_height=300)
+
+
+def test_report_explains_a_folder_without_events(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "minigpt.report", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "multirun" in out.stderr
+
+
+@pytest.mark.slow
+def test_real_sweep_compares_its_jobs(multirun_dir):
+    out = subprocess.run([sys.executable, "-m", "minigpt.report", str(multirun_dir)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader((multirun_dir / "comparison.csv").open()))
+    assert [r["overrides"] for r in rows] == ["optimizer=adamw", "optimizer=sgd"]
+    for row, job in zip(rows, sorted(p for p in multirun_dir.iterdir() if p.is_dir())):
+        val = read_scalars(job / "tensorboard")[0]["val/loss"]
+        assert float(row["best val/loss"]) == pytest.approx(min(val.values), abs=1e-4)
+        assert_is_a_picture(decode_png((job / "loss_curve.png").read_bytes()), min_width=600, min_height=300)
+    assert_is_a_picture(decode_png((multirun_dir / "comparison.png").read_bytes()), min_width=600, min_height=300)
