@@ -65,6 +65,7 @@ class MiniGPTModule(L.LightningModule):
         self.model = GPT(GPTConfig(vocab_size=len(vocab), **self.hparams.model))
         self.train_loss_avg = MeanMetric(nan_strategy="disable")  # no per-step host sync to look for NaNs
         self.val_ppl = Perplexity()
+        self._rng_states: dict[str, torch.Tensor] | None = None  # from a checkpoint, applied when training starts
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
@@ -99,6 +100,23 @@ class MiniGPTModule(L.LightningModule):
             norms = grad_norm(self.model, norm_type=2)
             self.log_dict({"grad/norm_total" if k.endswith("_total") else "grad/norm/" + k.split("/", 1)[1]: v
                            for k, v in norms.items()})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout draws from the global generators: a resumed run needs them where the interrupted one left them.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Restored here, not on load: creating the data loaders draws from the generator in between.
+        states, self._rng_states = self._rng_states, None
+        if states:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state(states["cuda"])
 
     def configure_optimizers(self):
         settings = dict(self.hparams.optimizer)
