@@ -74,7 +74,8 @@ def download(url: str, dest: Path, sha256: str | None, timeout: float = 30.0) ->
         payload = response.read()
     digest = hashlib.sha256(payload).hexdigest()
     if sha256 and digest != sha256:
-        raise RuntimeError(f"Download from {url} has sha256 {digest}, expected {sha256}; nothing was written.")
+        raise ValueError(f"Download from {url} has sha256 {digest}, expected {sha256}; nothing was written. "
+                         "Check data.url and data.sha256 (data.sha256=null accepts any file).")
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -96,7 +97,7 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
         return file
     if cache_file.is_file():
         if sha256 and (digest := sha256_of(cache_file)) != sha256:
-            raise RuntimeError(
+            raise ValueError(
                 f"The cached data file {cache_file} has sha256 {digest}, expected {sha256}: it is damaged or a "
                 f"different file. Delete it to download it again from {url}, or pass data.path={cache_file} to "
                 "train on it as your own corpus."

@@ -64,6 +64,7 @@ class MiniGPTModule(L.LightningModule):
         self.val_ppl = Perplexity()
         self._train_loss_sum: torch.Tensor | None = None  # since the last validation, for the console line
         self._train_loss_count = 0
+        self._rng_states: dict[str, torch.Tensor] | None = None  # from a checkpoint, applied when training starts
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
@@ -112,6 +113,23 @@ class MiniGPTModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout draws from the global generators: a resumed run needs them where the interrupted one left them.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Restored here, not on load: creating the data loaders draws from the generator in between.
+        states, self._rng_states = self._rng_states, None
+        if states:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state(states["cuda"])
 
     def configure_optimizers(self):
         settings = dict(self.hparams.optimizer)

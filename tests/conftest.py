@@ -77,6 +77,11 @@ def compose_train(overrides: list[str]) -> DictConfig:
         return compose(config_name="train", overrides=overrides)
 
 
+def compose_sample(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="sample", overrides=overrides)
+
+
 @pytest.fixture(scope="session")
 def cfg_tiny_global(text_file) -> DictConfig:
     return compose_train(TINY + [f"data.path={text_file}"])

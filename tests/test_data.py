@@ -92,7 +92,7 @@ def test_data_comes_from_cache_then_verified_download(tmp_path, text_file):
 
 def test_download_with_wrong_checksum_writes_nothing(tmp_path, text_file):
     cache_file = tmp_path / "cache" / "input.txt"
-    with pytest.raises(RuntimeError, match="sha256"):
+    with pytest.raises(ValueError, match="sha256"):
         resolve_text_file(None, cache_file, text_file.as_uri(), "0" * 64)
     assert not cache_file.exists()
 
@@ -110,7 +110,7 @@ def test_cached_file_with_wrong_checksum_is_kept_and_explained(tmp_path):
     cache_file = tmp_path / "tinyshakespeare" / "input.txt"
     cache_file.parent.mkdir(parents=True)
     cache_file.write_text("not shakespeare")
-    with pytest.raises(RuntimeError, match="Delete it to download it again"):
+    with pytest.raises(ValueError, match="Delete it to download it again"):
         resolve_text_file(None, cache_file, "https://example.invalid/input.txt", "0" * 64)
     assert cache_file.read_text() == "not shakespeare"  # nothing the user had is deleted
 

@@ -78,7 +78,7 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
     for entry in (cfg.get("logger") or {}).values():
         hydra.utils.instantiate(entry)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="trainer=cpu"):
+        with pytest.raises(ValueError, match="trainer=cpu"):
             train.make_trainer(cfg, [], [])
     else:
         train.make_trainer(cfg, [], [])

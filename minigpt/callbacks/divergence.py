@@ -1,0 +1,77 @@
+"""Stop a run whose loss or weights became non-finite, before anything non-finite is saved.
+
+Each step only queues `isfinite(loss)` on the device; the queue is read (one host sync) every
+`check_every_n_steps` steps, which default to the logging steps that sync anyway, and always before a
+checkpoint is written, before a validation and at the end of training. A checkpoint is written only if the
+weights are finite, so `last.ckpt` is always the last good state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The run diverged: its loss or weights are NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    def __init__(self, check_every_n_steps: int = 50, max_names: int = 8):
+        if check_every_n_steps <= 0:
+            raise ValueError(f"check_every_n_steps must be positive, got {check_every_n_steps}")
+        self.check_every_n_steps, self.max_names = check_every_n_steps, max_names
+        self._finite: list[torch.Tensor] = []  # isfinite(loss) of each batch since the last check, on the device
+        self._steps: list[int] = []  # the optimizer step each of those batches belongs to
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self._steps.append(trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._finite.append(torch.isfinite(loss.detach()).all())  # queued on the device: no sync
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self._check(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Raising here aborts the save before the file is written: last.ckpt keeps the last good state.
+        self._check(trainer, pl_module, weights_too=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module, weights_too=True)
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, weights_too: bool = False) -> None:
+        finite, steps = self._finite, self._steps[: len(self._finite)]
+        self._finite, self._steps = [], self._steps[len(self._finite):]
+        if finite and not (flags := torch.stack(finite).cpu()).all():  # the one host sync
+            step = steps[int((~flags).int().argmax())]
+            raise NonFiniteLossError(f"train/loss became non-finite at step {step}. {self._diagnosis(trainer, pl_module)}")
+        if weights_too:
+            weights = list(pl_module.parameters())
+            if weights and not torch.stack([torch.isfinite(p).all() for p in weights]).all():
+                bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+                raise NonFiniteLossError(
+                    f"The weights became non-finite by step {trainer.global_step} ({self._names(bad)}). "
+                    f"{self._diagnosis(trainer, pl_module)}"
+                )
+
+    def _diagnosis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        bad_grads = [n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        grads = (f"Parameters with non-finite gradients at step {trainer.global_step}: {self._names(bad_grads)}. "
+                 if bad_grads else "")
+        return (
+            f"{grads}The run was stopped and nothing non-finite was saved: the last checkpoint is the last good state. "
+            "Lower optimizer.lr, add warmup (scheduler.warmup_steps) or clip harder (trainer.gradient_clip_val), "
+            "then resume with ckpt_path=<this run's folder> or start again."
+        )
+
+    def _names(self, names: list[str]) -> str:
+        more = f" and {len(names) - self.max_names} more" if len(names) > self.max_names else ""
+        return ", ".join(names[: self.max_names]) + more

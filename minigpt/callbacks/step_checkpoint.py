@@ -1,0 +1,25 @@
+"""`last.ckpt` every N optimizer steps, between the validations that also write it.
+
+A plain `ModelCheckpoint(every_n_train_steps=N)` also saves on a batch that a validation follows: a run resumed
+from there skips that validation (Lightning counts it as done once the batch is), so its curve lacks a point
+that the uninterrupted run has. This one leaves those batches to the checkpoint written after the validation,
+and saves only on a batch that completes an optimizer step: with gradient accumulation, a checkpoint taken
+part-way through a step would lose the gradients accumulated so far.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class StepCheckpoint(ModelCheckpoint):
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+        completes_a_step = batches % trainer.accumulate_grad_batches == 0
+        validation_follows = (trainer.enable_validation and isinstance(trainer.val_check_batch, int)
+                              and batches % trainer.val_check_batch == 0)
+        if completes_a_step and not validation_follows:
+            super().on_train_batch_end(trainer, pl_module, *args)

@@ -1,0 +1,58 @@
+"""How the Trainer writes and reads checkpoint files: atomically, and without unpickling code.
+
+Lightning's `TorchCheckpointIO` writes through an fsspec transaction, which on a local disk stages the file in
+the system temp folder and `shutil.move`s it into place: when that folder is on another filesystem (a tmpfs
+/tmp, a container volume), the move is a copy straight into `last.ckpt`, and a run killed during it leaves a
+half-written `last.ckpt`. Nothing is fsynced either, so a power cut can leave an empty file behind a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from minigpt.module import load_checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the destination folder, fsyncs it, then renames it over
+    the old one: readers (and a resumed run) see the previous checkpoint or the new one, never a mix.
+    Loads with `weights_only=True` always, with errors that name the file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if not _is_local_file_protocol(path):  # object stores replace a key atomically on their own
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # same folder, so os.replace is a rename within one filesystem; ".part" so no *.ckpt glob matches it
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.replace(tmp, path)
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # and the rename itself survives a crash
+            finally:
+                os.close(directory)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load_checkpoint(self, path: str | Path, map_location: Callable | str | None = "cpu",
+                        weights_only: bool | None = True) -> dict[str, Any]:
+        if weights_only is False:
+            raise ValueError("minigpt loads checkpoints with weights_only=True only: a checkpoint must not run code")
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint(path, map_location)

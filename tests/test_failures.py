@@ -1,0 +1,155 @@
+"""Every bad input gets a clear message and loses nothing; a diverging run stops; a multirun survives its jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import open_dict
+
+import sample
+import train
+from minigpt.callbacks.divergence import NonFiniteLossError
+from minigpt.module import load_checkpoint
+from tests.conftest import ROOT, TINY, compose_sample, compose_train, make_text
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """Every file under `folders`, by content: equal snapshots mean nothing was deleted, added or overwritten."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def earlier_run(trained_run, tmp_path) -> Path:
+    """A finished run's folder that a mistyped resume must leave exactly as it was."""
+    folder = tmp_path / "earlier"
+    shutil.copytree(trained_run[0], folder)
+    return folder
+
+
+def bad_data(tmp_path: Path) -> dict[str, list[str]]:
+    """Overrides that point the data at each kind of bad text."""
+    files = {"empty": b"", "short": b"abc" * 10, "latin1": "caf\u00e9 ".encode("latin-1") * 200,
+             "other_vocab": make_text().upper().encode()}
+    for name, content in files.items():
+        (tmp_path / f"{name}.txt").write_bytes(content)
+    damaged_cache = tmp_path / "cache" / "tinyshakespeare" / "input.txt"
+    damaged_cache.parent.mkdir(parents=True)
+    damaged_cache.write_text("not shakespeare")
+    offline = ["data.path=null", f"data.cache_dir={tmp_path / 'empty_cache'}", f"data.url={(tmp_path / 'offline.txt').as_uri()}"]
+    return {
+        "offline": offline,
+        "checksum": ["data.path=null", f"data.cache_dir={tmp_path / 'cache'}"],
+        **{name: [f"data.path={tmp_path / name}.txt"] for name in files},
+    }
+
+
+CASES = {  # name: (overrides, what the message must say)
+    "offline": (None, "could not be downloaded from .* or pass data.path="),
+    "checksum": (None, "has sha256 .* expected .* Delete it to download it again"),
+    "empty": (None, "has 0 characters: too short for block_size=16"),
+    "short": (None, "has 30 characters: too short for block_size=16"),
+    "latin1": (None, "is not UTF-8 text .*iconv -f latin1"),
+    "other_vocab": (None, "was trained on a vocabulary of .* Resume with the data it was trained on"),
+    "n_embd": (["model.n_head=3"], r"n_embd \(32\) must be divisible by n_head \(3\)"),
+    "batch_size": (["data.batch_size=0"], "data.batch_size and data.block_size must be positive, got 0"),
+    "lr": (["optimizer.lr=-0.1"], "optimizer.lr must be positive, got -0.1"),
+    "max_steps": (["trainer.max_steps=0"], "trainer.max_steps must be a positive number of optimizer steps, got 0"),
+    "ckpt_missing": (["ckpt_path=/nonexistent/run"], "ckpt_path=/nonexistent/run does not exist"),
+    "model_size": (["model.n_layer=3"], "different model: model.n_layer=2 in the checkpoint, 3 here"),
+    "gpu": (["trainer=gpu"], "asks for a GPU, but PyTorch sees none .* trainer=cpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_inputs_get_a_clear_message_and_lose_nothing(case, earlier_run, text_file, tmp_path):
+    if case == "gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    overrides, message = CASES[case]
+    overrides = overrides or bad_data(tmp_path)[case]
+    # a resume of the earlier run, with one mistake: the resume points run_dir at the earlier run's folder
+    cfg = compose_train(TINY + [f"data.path={text_file}", f"ckpt_path={earlier_run}"] + overrides)
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "new")
+    before = snapshot(earlier_run, text_file.parent, tmp_path)
+    with pytest.raises(Exception, match=message):
+        train.train(cfg)
+    assert snapshot(earlier_run, text_file.parent, tmp_path) == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prompt='ROMEO€#'"], "The prompt 'ROMEO€#' cannot be encoded: 2 character"),
+    (["max_new_tokens=0"], "max_new_tokens must be positive, got 0"),
+    (["ckpt_path=/nonexistent/run"], "ckpt_path=/nonexistent/run does not exist"),
+])
+def test_bad_sampling_inputs_get_a_clear_message(overrides, message, earlier_run):
+    cfg = compose_sample([f"ckpt_path={earlier_run}"] + overrides)
+    before = snapshot(earlier_run)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        sample.sample(cfg)
+    assert snapshot(earlier_run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["model=huge"], r"Could not find 'model/huge'\s+Available options in 'model':\s+seed\s+small\s+tiny"),
+    (["optimizer.learning_rate=1e-3"], r"Could not override 'optimizer.learning_rate'.*Key 'learning_rate' is not in struct"),
+    (["data.batch_size=0"], r"^error: data.batch_size and data.block_size must be positive, got 0 and 16\n$"),
+])
+def test_the_command_line_prints_one_paragraph_not_a_traceback(args, message, earlier_run, text_file, tmp_path):
+    before = snapshot(earlier_run)
+    out = subprocess.run([sys.executable, "train.py", *TINY, f"data.path={text_file}", f"ckpt_path={earlier_run}", *args,
+                          f"hydra.run.dir={tmp_path / 'new'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert re.search(message, out.stderr, flags=re.S), out.stderr
+    assert snapshot(earlier_run) == before
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cfg_tiny):
+    with open_dict(cfg_tiny):
+        cfg_tiny.callbacks.step_checkpoint.every_n_train_steps = 4
+        cfg_tiny.callbacks.poison = {"_target_": "tests.crash.PoisonAt", "step": 25}
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 25.*transformer.*last checkpoint is the last good state"):
+        train.train(cfg_tiny)
+    last = load_checkpoint(Path(cfg_tiny.run_dir) / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 24  # saved before the NaN; the save at 28 was refused
+    assert all(torch.isfinite(w).all() for w in last["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_a_multirun_of_8_jobs_keeps_each_jobs_files_apart_and_survives_a_diverging_job(text_file, tmp_path):
+    # few overrides: each is part of the job folder's name, which must stay under the file system's 255 bytes
+    overrides = ["model=tiny", "trainer=cpu", "trainer.max_steps=20", "trainer.val_check_interval=10", "data.batch_size=8",
+                 "data.val_batches=2", "logger=csv", "~callbacks.progress_bar"]
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", "optimizer.lr=1e-3,3e-3,1e-2,1e6", "seed=1,2", *overrides,
+         f"data.path={text_file}", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 1, out.stderr[-3000:]  # a job failed, and the sweep says so
+    assert re.search(r"Error executing job with overrides: \['optimizer.lr=1000000.0', 'seed=1'", out.stderr)
+    assert "error: train/loss became non-finite at step" in out.stderr
+    jobs = sorted((p for p in tmp_path.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_", 1)[0]))
+    assert len(jobs) == 8
+    for job in jobs:
+        job_overrides = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+        lr, seed = job_overrides["optimizer.lr"], job_overrides["seed"]
+        assert f"optimizer.lr={lr},seed={seed}," in job.name  # its own config in its own folder
+        log = (job / "train.log").read_text()
+        if float(lr) == 1e6:
+            assert "became non-finite at step" in log and not (job / "checkpoints" / "last.ckpt").exists()
+            continue
+        assert "Finished at step 20" in log and "non-finite" not in log
+        checkpoint = load_checkpoint(job / "checkpoints" / "last.ckpt")
+        assert checkpoint["global_step"] == 20
+        assert checkpoint["hyper_parameters"]["optimizer"]["lr"] == float(lr)  # nobody else's checkpoint
+        rows = (job / "csv" / "metrics.csv").read_text().splitlines()
+        assert rows and len(rows) == len(set(rows))  # one run's metrics, written once

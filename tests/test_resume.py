@@ -1,0 +1,160 @@
+"""Killed runs resume bit for bit; checkpoints are written atomically and cannot run code when loaded."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import sample
+import train
+from minigpt.checkpoint_io import AtomicCheckpointIO
+from minigpt.module import MiniGPTModule, load_checkpoint
+from tests.conftest import ROOT, TINY, compose_sample
+
+# 24 steps of 2 accumulated batches, validated every 12 batches (6 steps), last.ckpt also every 4 steps in
+# between; dropout on, so the generator state matters as much as the sampler's
+RESUMABLE = [o for o in TINY if not o.startswith(("trainer.val_check_interval", "trainer.max_steps"))] + [
+    "trainer.max_steps=24", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=12",
+    "trainer.log_every_n_steps=2", "callbacks.step_checkpoint.every_n_train_steps=4", "model.dropout=0.1",
+]
+
+
+def run_train(args: list[str], hydra_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={hydra_dir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every logged scalar as (step, value) pairs, as TensorBoard shows them (purged steps hidden)."""
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path):
+    args = RESUMABLE + [f"data.path={text_file}"]
+    uninterrupted = run_train(args, tmp_path / "a")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    expected = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    assert expected["global_step"] == 24
+
+    # killed after the step checkpoint of step 16 and resumed by folder; killed after the validation checkpoint
+    # of step 12 and resumed by file
+    for name, kill_at, saved_at, by_file in [("b", 17, 16, False), ("c", 13, 12, True)]:
+        run_dir = tmp_path / name
+        killed = run_train(args + ["+callbacks.kill._target_=tests.crash.SigkillAt", f"+callbacks.kill.step={kill_at}"], run_dir)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == saved_at
+        resume_from = run_dir / "checkpoints" / "last.ckpt" if by_file else run_dir
+        resumed = run_train(args + [f"ckpt_path={resume_from}"], tmp_path / f"{name}_resume_log")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+        got = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        assert got["global_step"] == 24
+        for key, value in expected["state_dict"].items():
+            assert torch.equal(got["state_dict"][key], value), (name, key)  # the same weights, bit for bit
+        for a, b in zip(expected["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values()):
+            assert all(torch.equal(a[k], b[k]) for k in a)  # and the same Adam moments
+        # the same files, and the same curve: every scalar at every step, with no step logged twice
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+            sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+        curve, expected_curve = scalars(run_dir), scalars(tmp_path / "a")
+        assert curve["val/loss"][-1] == expected_curve["val/loss"][-1]  # the same final val/loss, exactly
+        assert curve == expected_curve, name
+        assert not (tmp_path / f"{name}_resume_log" / "checkpoints").exists()  # nothing went to a new folder
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_saving_keeps_its_last_checkpoint(trained_run, tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    shutil.copytree(trained_run[0] / "checkpoints", last.parent)
+    before = last.read_bytes()
+    died = subprocess.run([sys.executable, "-m", "tests.crash", str(last)], cwd=ROOT, capture_output=True, timeout=120)
+    assert died.returncode == -signal.SIGKILL
+    assert last.read_bytes() == before  # the old checkpoint is untouched ...
+    assert MiniGPTModule.from_checkpoint(last)  # ... and loads
+    assert sorted(p.name for p in last.parent.glob("*.ckpt")) == sorted(p.name for p in (trained_run[0] / "checkpoints").glob("*.ckpt"))
+
+
+def test_checkpoints_are_replaced_atomically_and_leave_no_temporary_files(tmp_path):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("serialisation failed half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        io.save_checkpoint({"state_dict": {"w": torch.full((2,), 7.0)}, "bad": Unpicklable()}, path)
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_truncated_checkpoints_get_an_error_naming_the_file(trained_run, tmp_path, cfg_tiny):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((trained_run[0] / "checkpoints" / "last.ckpt").read_bytes()[:20000])
+    cfg_tiny.ckpt_path = str(truncated)
+    with pytest.raises(ValueError, match="truncated.ckpt.*truncated, damaged"):
+        train.train(cfg_tiny)
+    with pytest.raises(ValueError, match="truncated.ckpt.*truncated, damaged"):
+        AtomicCheckpointIO().load_checkpoint(truncated)
+    out = subprocess.run([sys.executable, "sample.py", f"ckpt_path={truncated}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: Could not load checkpoint") and str(truncated) in out.stderr
+
+
+class CreateFile:
+    """Unpickling this creates a file: the payload a malicious checkpoint would carry."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def test_a_checkpoint_cannot_run_code_through_any_entry_point(trained_run, tmp_path, cfg_tiny):
+    marker = tmp_path / "pwned"
+    checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["payload"] = CreateFile(marker)
+    evil = tmp_path / "evil" / "checkpoints" / "last.ckpt"
+    evil.parent.mkdir(parents=True)
+    torch.save(checkpoint, evil)
+    with pytest.raises(pickle.UnpicklingError):  # the payload works: a plain pickle load would run it
+        torch.load(evil, weights_only=True)
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    cfg_tiny.ckpt_path = str(evil.parent.parent)
+    sample_cfg = compose_sample([f"ckpt_path={evil}"])
+    entry_points = {
+        "resume": lambda: train.train(cfg_tiny),
+        "trainer": lambda: AtomicCheckpointIO().load_checkpoint(evil),
+        "sample.py": lambda: sample.sample(sample_cfg),
+        "from_checkpoint": lambda: MiniGPTModule.from_checkpoint(evil),
+    }
+    for name, load in entry_points.items():
+        with pytest.raises(ValueError, match=f"{evil}.*never unpickled"):
+            load()
+        assert not marker.exists(), name
+
+
+def test_checkpoints_hold_only_plain_types(trained_run):
+    # weights_only=True loads them without allow-listing anything: no project type is pickled
+    checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(checkpoint["rng_states"]) >= {"torch"}
+    assert any(key.startswith("StepCheckpoint") for key in checkpoint["callbacks"])
