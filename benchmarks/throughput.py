@@ -40,7 +40,8 @@ def compose_cfg(args, run_dir: str):
                  f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
                  f"trainer.max_steps={args.warmup + args.steps}", f"trainer.val_check_interval={10**9}",
                  "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
-                 "~callbacks.model_checkpoint", "~callbacks.early_stopping", f"compile={args.compile}",
+                 "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.early_stopping",
+                 "~callbacks.computation_graph", f"compile={args.compile}",
                  f"compile_mode={args.compile_mode}",
                  *args.override]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
