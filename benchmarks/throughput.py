@@ -78,7 +78,6 @@ def run_lightning(args, datamodule: TextDataModule) -> float:
         module = MiniGPTModule(
             vocab=datamodule.tokenizer.vocab, model=OmegaConf.to_container(cfg.model),
             optimizer=OmegaConf.to_container(cfg.optimizer), scheduler=OmegaConf.to_container(cfg.scheduler),
-            grad_norm_every=cfg.trainer.log_every_n_steps,
         )
         if cfg.compile:
             module.model.compile(mode=cfg.compile_mode)
