@@ -45,7 +45,7 @@ class LoopTimer(L.Callback):
 def run(steps: int, device: str, inside: bool) -> tuple[float, float]:
     overrides = ["experiment=seed", f"trainer={device}", f"trainer.max_steps={steps}",
                  f"trainer.val_check_interval={steps}", "trainer.enable_model_summary=false",
-                 "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.early_stopping"]
+                 "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.early_stopping"]
     if not inside:
         overrides += [f"~callbacks.{name}" for name in INSIDE]
     overrides.append(f"+callbacks.loop_timer._target_={__name__}.LoopTimer")
