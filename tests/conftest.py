@@ -38,6 +38,7 @@ TINY = [
     "optimizer.lr=3e-3",
     "~callbacks.progress_bar",
     "callbacks.text_samples.max_new_tokens=60",  # generating is the costliest picture on a CPU
+    "callbacks.attention_maps.every_n_validations=1",  # the default draws every 5th; tests check each one
 ]
 
 
