@@ -22,7 +22,6 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +31,7 @@ from benchmarks.lesson import LessonGPT, lesson_step  # noqa: E402
 from benchmarks.report import append_results, machine_summary  # noqa: E402
 from minigpt.data import RandomWindows, TextDataModule  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
-from minigpt.module import MiniGPTModule, warmup_cosine  # noqa: E402
+from minigpt.module import MiniGPTModule, param_groups, warmup_cosine  # noqa: E402
 
 
 def compose_cfg(args, run_dir: str):
@@ -97,13 +96,10 @@ def run_plain(args, datamodule: TextDataModule) -> float:
     model = GPT(GPTConfig(vocab_size=datamodule.tokenizer.vocab_size, **cfg.model)).to(device)
     if args.compile:
         model.compile(mode=args.compile_mode)
-    decay = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    no_decay = [p for p in model.parameters() if all(p is not d for d in decay)]
     opt = dict(OmegaConf.to_container(cfg.optimizer))
     opt.pop("name")
-    weight_decay = opt.pop("weight_decay", 0.0)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], **opt, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, opt.pop("weight_decay", 0.0)), **opt,
+                                  fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         warmup_cosine, warmup_steps=cfg.scheduler.warmup_steps, max_steps=args.warmup + args.steps,
         min_lr_ratio=cfg.scheduler.min_lr_ratio))

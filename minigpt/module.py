@@ -30,6 +30,15 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups that decay only the weights of linear layers: biases, norms and embeddings are left alone."""
+    decay = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    decay_ids = {id(p) for p in decay}
+    no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
 class MiniGPTModule(L.LightningModule):
     """Trains a `GPT` on character windows.
 
@@ -134,15 +143,7 @@ class MiniGPTModule(L.LightningModule):
     def configure_optimizers(self):
         settings = dict(self.hparams.optimizer)
         name = settings.pop("name")
-        weight_decay = settings.pop("weight_decay", 0.0)
-        # Decay only the weights of linear layers: biases, LayerNorm gains and embeddings are left alone.
-        decay = [m.weight for m in self.model.modules() if isinstance(m, nn.Linear)]
-        decay_ids = {id(p) for p in decay}
-        no_decay = [p for p in self.model.parameters() if id(p) not in decay_ids]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        ]
+        groups = param_groups(self.model, settings.pop("weight_decay", 0.0))
         if name in ("adamw", "adam") and self.device.type == "cuda":
             settings.setdefault("fused", True)  # one kernel for the whole update instead of one per tensor
         try:
@@ -179,7 +180,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: resuming reads the file here for its step and sizes, then again in Lightning; mapped, the tensors
+        # are paged in only when used instead of being copied into memory twice.
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as err:  # torch raises pickle, zip and runtime errors alike for a damaged or unsafe file
         raise ValueError(
             f"Could not load checkpoint {path}: it is truncated, damaged, or holds objects other than tensors and "
@@ -198,7 +201,8 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
     last = folder / "last.ckpt"
     # ModelCheckpoint keeps only the best (save_top_k=1) besides last.ckpt; the newest is the best if more were kept
     others = sorted((p for p in folder.glob("*.ckpt") if p.name != last.name), key=lambda p: p.stat().st_mtime)
-    candidates = ([others[-1]] if others else []) + [last] if prefer == "best" else [last] + others[-1:]
+    newest_other = others[-1:]  # [] when the run kept no other checkpoint
+    candidates = (newest_other + [last]) if prefer == "best" else ([last] + newest_other)
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import hydra
 import pytest
@@ -19,7 +17,6 @@ from minigpt.module import warmup_cosine
 from tests.conftest import CONF, ROOT, compose_train
 
 GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir()}
-GPU_TRAINERS = {"gpu", "ddp"}
 
 
 def test_short_run_lowers_val_loss_and_writes_checkpoint_and_events(trained_run):
