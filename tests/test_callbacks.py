@@ -12,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from minigpt import plots
 from minigpt.callbacks.gradient_health import GradientHealth, layer_of, measure
 from minigpt.callbacks.samples import as_markdown
 from minigpt.graph import render_autograd_graph
@@ -115,6 +116,20 @@ def test_attention_maps_have_one_image_per_layer(events, trained_run):
         assert_is_a_picture(pixels)
         assert pixels.shape[1] > pixels.shape[0]  # the 2 heads side by side
         assert (trained_run[0] / f"attention_layer{layer}.png").is_file()
+
+
+def test_attention_maps_label_each_key_and_query_with_its_character():
+    weights = torch.softmax(torch.randn(2, 4, 4), dim=-1).numpy()
+    figure = plots.attention_heads(weights, "ab c", "layer 0")
+    axes = figure.axes[:2]  # the two heads (the colorbar comes last)
+    for ax in axes:
+        below = [t for t in ax.texts if t.get_position()[1] > 3]  # under the image: y grows downwards
+        assert [t.get_text() for t in below] == ["a", "b", "␣", "c"]
+        assert [t.get_position()[0] for t in below] == [0, 1, 2, 3]  # one per column
+    left = [t for t in axes[0].texts if t.get_position()[0] < 0]
+    assert [t.get_text() for t in left] == ["a", "b", "␣", "c"]
+    assert [t.get_position()[1] for t in left] == [0, 1, 2, 3]  # one per row
+    assert not [t for t in axes[1].texts if t.get_position()[0] < 0]  # the other heads share the first's rows
 
 
 def test_samples_are_logged_as_text_at_each_validation(events):
