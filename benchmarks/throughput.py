@@ -99,7 +99,7 @@ def run_plain(args, datamodule: TextDataModule) -> float:
     opt = dict(OmegaConf.to_container(cfg.optimizer))
     opt.pop("name")
     optimizer = torch.optim.AdamW(param_groups(model, opt.pop("weight_decay", 0.0)), **opt,
-                                  fused=device.type == "cuda")
+                                  fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         warmup_cosine, warmup_steps=cfg.scheduler.warmup_steps, max_steps=args.warmup + args.steps,
         min_lr_ratio=cfg.scheduler.min_lr_ratio))

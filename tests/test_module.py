@@ -70,6 +70,7 @@ def test_adamw_skips_weight_decay_on_biases_norms_and_embeddings():
     assert {names[id(p)] for p in no_decay["params"]} >= {"transformer.wte.weight", "transformer.wpe.weight",
                                                            "transformer.ln_f.weight", "transformer.h.0.attn.c_attn.bias"}
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    assert optimizer.defaults["fused"]  # one kernel per update on the CPU too (PyTorch's CPU default loops)
 
 
 def test_checkpoint_is_self_contained_and_hparams_are_plain_yaml(trained_run):
