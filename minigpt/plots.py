@@ -49,11 +49,11 @@ def gradient_flow(layers: list[str], mean_abs: list[float], max_abs: list[float]
     return figure
 
 
-def attention_heads(weights: np.ndarray, chars: str, title: str) -> Figure:
-    """One heatmap per head of a layer, `weights` (nh, T, T): row = the query's character, column = the key's."""
+def attention_heads(weights: np.ndarray, tokens: list[str], title: str) -> Figure:
+    """One heatmap per head of a layer, `weights` (nh, T, T): row = the query's token, column = the key's."""
     n_head, T, _ = weights.shape
-    labels = [VISIBLE.get(c, c) for c in chars]
-    side = 0.13 * T  # inches per head: room for one character label per row and column
+    labels = ["".join(VISIBLE.get(c, c) for c in token) for token in tokens]
+    side = 0.13 * T  # inches per head: room for one short label per row and column
     margin_left, margin_bottom, margin_top, colorbar = 0.6, 0.6, 0.5, 0.9
     width = margin_left + n_head * (side + 0.15) + colorbar
     height = margin_bottom + side + margin_top
@@ -65,7 +65,8 @@ def attention_heads(weights: np.ndarray, chars: str, title: str) -> Figure:
     axes = figure.subplots(1, n_head, squeeze=False, sharey=True)[0]
     for h, ax in enumerate(axes):
         image = ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_xticks(range(T), labels, fontsize=7, family="monospace")
+        # BPE tokens are words and pieces of words: upright they would run into each other
+        ax.set_xticks(range(T), labels, fontsize=7, family="monospace", rotation=90 if max(map(len, labels)) > 1 else 0)
         ax.tick_params(length=0)
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xlabel("key (attended to)", fontsize=8)
