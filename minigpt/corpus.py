@@ -10,6 +10,7 @@ Nothing here holds more than a chunk of text or a batch of windows in memory.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import hashlib
 import json
 import logging
@@ -114,9 +115,12 @@ class TokenFile:
     """Tokens `start` to `stop` of a token file, indexed like a 1-D CPU tensor of int64: `len()`, a slice, or a
     tensor of positions (what `windows` gathers with).
 
-    Each read maps the file, copies out the tokens asked for and unmaps it: the pages read stay in the kernel's
-    page cache, shared and evictable, but never become this process's memory, so resident memory stays flat
-    however much of the file the random windows visit. Mapping costs tens of microseconds, once per batch.
+    Each read maps the file, copies out the tokens asked for and unmaps it. The pages a mapping has touched
+    count as this process's resident memory until it is unmapped, so one mapping kept for a whole run would
+    grow to the whole file as random windows visit it; mapped per read, resident memory is back where it was
+    after every batch, whatever the file's size (during a read it holds the pages of that batch's windows, whole
+    large folios on recent kernels). The pages stay in the kernel's page cache, shared and evictable, so the
+    next reads are as fast. Mapping anew costs about 0.1-0.5 ms a batch (benchmarks/corpus.py).
     Only the path and the span are held, so the object pickles small (for spawned processes).
     """
 
@@ -221,7 +225,7 @@ def build_corpus(files: list[Path], folder: Path, tokenizer: str, vocab_size: in
 
 def tokenize_corpus(path: str, cache_dir: str | Path, glob: str = "**/*.txt", tokenizer: str = "char",
                     vocab_size: int = 4096, bpe_train_bytes: int = 100 * 2**20, train_fraction: float = 0.9,
-                    chunk_bytes: int = 16 * 2**20) -> Corpus:
+                    chunk_bytes: int = 4 * 2**20) -> Corpus:
     """The corpus at `path` (a file, or a folder's files matching `glob`), tokenized: from the cache when its
     fingerprint matches, else written now."""
     if tokenizer not in TOKENIZERS:
@@ -235,5 +239,12 @@ def tokenize_corpus(path: str, cache_dir: str | Path, glob: str = "**/*.txt", to
     if (corpus := load_corpus(folder, current)) is not None:
         log.info("Using the token file in %s: the source is unchanged", folder)
         return corpus
-    log.info("Tokenizing %d file(s) of %s into %s", len(files), path, folder)
-    return build_corpus(files, folder, tokenizer, vocab_size, bpe_train_bytes, train_fraction, chunk_bytes, current)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        # DDP ranks started together (torchrun, SLURM) would all tokenize: one does, the others wait and reuse it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (corpus := load_corpus(folder, current)) is not None:
+            return corpus
+        log.info("Tokenizing %d file(s) of %s into %s", len(files), path, folder)
+        return build_corpus(files, folder, tokenizer, vocab_size, bpe_train_bytes, train_fraction, chunk_bytes,
+                            current)

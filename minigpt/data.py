@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from minigpt.atomic import atomic_write
 from minigpt.corpus import TokenFile, tokenize_corpus
@@ -96,7 +96,9 @@ class RandomWindows(IterableDataset):
     """An endless stream of batches of random windows, from a tensor or a token file.
 
     Batch `i` is drawn from a generator seeded with (seed, rank, i) alone, so a run resumed at batch `i`
-    sees exactly the batches an uninterrupted run would, and each DDP rank sees different windows.
+    sees exactly the batches an uninterrupted run would, and each DDP rank sees different windows. In a
+    DataLoader with n workers, worker k makes batches start + k, start + k + n, ...: the loader takes them from
+    the workers in turn, so the stream is the same as without workers.
     """
 
     def __init__(self, tokens: torch.Tensor | TokenFile, block_size: int, batch_size: int, seed: int, rank: int = 0,
@@ -108,12 +110,13 @@ class RandomWindows(IterableDataset):
         device = self.tokens.device  # on a GPU the windows are drawn and gathered there: no copy per batch
         generator = torch.Generator(device)
         high = len(self.tokens) - self.block_size  # the last start whose target still fits
-        i = self.start
+        worker = get_worker_info()
+        i, step = (self.start + worker.id, worker.num_workers) if worker else (self.start, 1)
         while True:
             generator.manual_seed(batch_seed(self.seed, self.rank, i))
             starts = torch.randint(high, (self.batch_size,), generator=generator, device=device)
             yield windows(self.tokens, starts, self.block_size)
-            i += 1
+            i += step
 
 
 def check_settings(block_size: int, batch_size: int, train_fraction: float, val_batches: int | None) -> None:
@@ -171,7 +174,10 @@ class WindowsDataModule(L.LightningDataModule):
                 and trainer.strategy.root_device.type == "cuda"):
             tokens = tokens.to(trainer.strategy.root_device)  # 1 byte per character: 1 MB for TinyShakespeare
         dataset = RandomWindows(tokens, self.hparams.block_size, self.hparams.batch_size, self.hparams.seed, rank, start)
-        return DataLoader(dataset, batch_size=None)  # batches are made whole by the dataset; a gather needs no workers
+        # Batches are made whole by the dataset. From memory, a gather needs no workers; from a token file, workers
+        # read the next batches while the model trains on this one.
+        workers = self.hparams.get("num_workers", 0)
+        return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False)
@@ -237,12 +243,15 @@ class CorpusDataModule(WindowsDataModule):
         train_fraction: float = 0.9,
         val_batches: int | None = 10,
         seed: int = 1337,
+        num_workers: int = 0,
     ):
         super().__init__()
         if not path:
             raise ValueError("data=text reads data.path: give a UTF-8 text file or a folder of them, "
                              "e.g. data.path=/data/my_corpus")
         check_settings(block_size, batch_size, train_fraction, val_batches)
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 (windows read in the training process) or more, got {num_workers}")
         self.save_hyperparameters()
 
     def prepare_data(self) -> None:

@@ -176,6 +176,7 @@ def test_train_and_sample_on_a_folder(tokenizer, folder, tmp_path):
     """The whole path: train.py data=text on a folder, then sample.py decodes from the checkpoint alone."""
     cfg = compose_train(TINY + ["data=text", f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}",
                                 f"data.tokenizer={tokenizer}", "data.vocab_size=300", "trainer.max_steps=10",
+                                f"data.num_workers={int(tokenizer == 'char')}",  # and through a loader worker
                                 "trainer.val_check_interval=10"])
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path / "run")
@@ -202,3 +203,33 @@ def test_resuming_with_another_tokenizer_is_refused(tmp_path):
     char_checkpoint = {"hyper_parameters": {"vocab": "abc", "model": sizes}}
     with pytest.raises(ValueError, match=r"another tokenizer \(characters\) .* \(a byte-level BPE\)"):
         train.check_resumable(char_checkpoint, module, tmp_path / "last.ckpt")
+
+
+def test_processes_started_together_tokenize_once(folder, tmp_path, monkeypatch):
+    """DDP ranks launched at once (torchrun, SLURM) share one token file: the first writes it, the others wait."""
+    import threading
+
+    builds = []
+    build = corpus.build_corpus
+    monkeypatch.setattr(corpus, "build_corpus", lambda *args: builds.append(1) or build(*args))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(tokenize_corpus(str(folder), tmp_path / "cache")))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and len(results) == 3 and len({r.tokens for r in results}) == 1
+
+
+def test_loader_workers_give_the_same_stream(folder, tmp_path):
+    """With workers reading ahead, batch i is still batch i: the same run with or without them."""
+    def first_batches(num_workers: int, n: int = 5) -> list[torch.Tensor]:
+        dm = CorpusDataModule(path=str(folder), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4,
+                              num_workers=num_workers)
+        dm.setup()
+        stream = iter(dm.train_dataloader())
+        return [next(stream)[0] for _ in range(n)]
+
+    for a, b in zip(first_batches(0), first_batches(2)):
+        assert torch.equal(a, b)
