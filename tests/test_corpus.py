@@ -233,3 +233,13 @@ def test_loader_workers_give_the_same_stream(folder, tmp_path):
 
     for a, b in zip(first_batches(0), first_batches(2)):
         assert torch.equal(a, b)
+
+
+def test_a_sample_prompt_outside_the_corpus_is_refused_before_training(tmp_path):
+    (tmp_path / "lower.txt").write_text("all in lower case, with no capitals at all.\n" * 40)
+    cfg = compose_train(TINY + ["data=text", f"data.path={tmp_path / 'lower.txt'}", f"data.cache_dir={tmp_path}"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"callbacks.text_samples.prompt='ROMEO:' cannot be encoded: .*'R'"):
+        train.train(cfg)
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
