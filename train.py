@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.checkpoint_io import AtomicCheckpointIO
-from minigpt.data import TextDataModule
+from minigpt.data import WindowsDataModule
 from minigpt.module import MiniGPTModule, find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
-    datamodule: TextDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule: WindowsDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")  # the tokenizer, and so the model's size, comes from the text
 

@@ -120,7 +120,8 @@ class TokenFile:
     grow to the whole file as random windows visit it; mapped per read, resident memory is back where it was
     after every batch, whatever the file's size (during a read it holds the pages of that batch's windows, whole
     large folios on recent kernels). The pages stay in the kernel's page cache, shared and evictable, so the
-    next reads are as fast. Mapping anew costs about 0.1-0.5 ms a batch (benchmarks/corpus.py).
+    next reads find them there. Mapping and faulting the pages in anew costs 0.5-1 ms a batch on a 2-core CPU
+    (benchmarks/corpus.py: 4x the time of reading through one long-lived mapping).
     Only the path and the span are held, so the object pickles small (for spawned processes).
     """
 

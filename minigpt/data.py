@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from minigpt.atomic import atomic_write
-from minigpt.corpus import TokenFile, tokenize_corpus
+from minigpt.corpus import Corpus, TokenFile, tokenize_corpus
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class CorpusDataModule(WindowsDataModule):
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         glob: str = "**/*.txt",
         tokenizer: str = "char",
         vocab_size: int = 4096,
@@ -267,7 +267,7 @@ class CorpusDataModule(WindowsDataModule):
                  len(corpus.tokens), corpus.tokens.path, corpus.tokenizer.vocab_size, len(self.train_tokens),
                  len(self.val_tokens))
 
-    def _tokenize(self):
+    def _tokenize(self) -> Corpus:
         hp = self.hparams
         return tokenize_corpus(hp.path, hp.cache_dir, hp.glob, hp.tokenizer, hp.vocab_size, hp.bpe_train_bytes,
                                hp.train_fraction)

@@ -18,7 +18,9 @@ import train
 from minigpt.corpus import TokenFile, read_chunks, tokenize_corpus
 from minigpt.data import CorpusDataModule, RandomWindows, windows
 from minigpt.tokenizer import BPETokenizer, CharTokenizer, token_dtype
+from minigpt.inspect import inspect
 from tests.conftest import ROOT, TINY, compose_train, make_text
+from tests.test_inspect import compose_inspect
 
 
 @pytest.fixture
@@ -183,6 +185,11 @@ def test_train_and_sample_on_a_folder(tokenizer, folder, tmp_path):
     metrics = train.train(cfg)
     assert metrics["step"] == 10 and np.isfinite(metrics["val/loss"])
     assert len(list((tmp_path / "run").glob("attention_layer*.png"))) == 2  # labelled with the tokens (tiny has 2 layers)
+    # python -m minigpt.inspect on the same data: the gradient table of a validation batch
+    inspect_cfg = compose_inspect([f"ckpt_path={tmp_path / 'run'}", "what=grads", "data=text", f"data.path={folder}",
+                                   f"data.cache_dir={tmp_path / 'cache'}", f"data.tokenizer={tokenizer}",
+                                   "data.vocab_size=300", f"out_dir={tmp_path / 'inspect'}"])
+    assert [p.name for p in inspect(inspect_cfg)] == ["gradient_flow.png"]
     # sampling needs nothing but the checkpoint: the token file and its tokenizer are gone
     for file in (tmp_path / "cache").rglob("*"):
         if file.is_file():
@@ -243,3 +250,14 @@ def test_a_sample_prompt_outside_the_corpus_is_refused_before_training(tmp_path)
     with pytest.raises(ValueError, match=r"callbacks.text_samples.prompt='ROMEO:' cannot be encoded: .*'R'"):
         train.train(cfg)
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["data=text"], "error: data=text reads data.path: give a UTF-8 text file or a folder"),
+    (["data=text", "data.path=/nonexistent/corpus"], "error: data.path=/nonexistent/corpus does not exist"),
+])
+def test_the_command_line_names_what_is_missing(args, message, tmp_path):
+    out = subprocess.run([sys.executable, "train.py", *args, "trainer=cpu", f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr
