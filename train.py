@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.checkpoint_io import AtomicCheckpointIO
-from minigpt.data import TextDataModule
+from minigpt.data import WindowsDataModule
 from minigpt.module import MiniGPTModule, find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
-    datamodule: TextDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule: WindowsDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
-    datamodule.setup("fit")  # the vocabulary, and so the model's size, comes from the text
+    datamodule.setup("fit")  # the tokenizer, and so the model's size, comes from the text
 
     module = MiniGPTModule(
-        vocab=datamodule.tokenizer.vocab,
+        **datamodule.tokenizer.hparams(),  # the character vocabulary, or the BPE's JSON
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
@@ -102,9 +102,17 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
 def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file: Path) -> None:
     """Refuse a checkpoint of another vocabulary or model size, naming what differs."""
     saved = checkpoint.get("hyper_parameters") or {}
-    if "vocab" not in saved or "model" not in saved:
+    if not ("vocab" in saved or "bpe" in saved) or "model" not in saved:
         raise ValueError(f"ckpt_path={ckpt_file} is not a minigpt checkpoint: it has no vocabulary or model sizes.")
-    if saved["vocab"] != (vocab := module.hparams.vocab):
+    if "bpe" in saved or "bpe" in module.hparams:
+        if saved.get("bpe") != module.hparams.get("bpe"):
+            then, now = ("a byte-level BPE" if "bpe" in hparams else "characters" for hparams in (saved, module.hparams))
+            raise ValueError(
+                f"ckpt_path={ckpt_file} was trained with another tokenizer ({then}) than this run's data gives "
+                f"({now}). Resume with the data and data.tokenizer it was trained with, or start a "
+                "new run without ckpt_path."
+            )
+    elif saved["vocab"] != (vocab := module.hparams.vocab):
         only_saved, only_here = ("".join(sorted(set(a) - set(b))) for a, b in ((saved["vocab"], vocab), (vocab, saved["vocab"])))
         raise ValueError(
             f"ckpt_path={ckpt_file} was trained on a vocabulary of {len(saved['vocab'])} characters, but this run's "

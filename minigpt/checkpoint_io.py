@@ -8,8 +8,6 @@ half-written `last.ckpt`. Nothing is fsynced either, so a power cut can leave an
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +15,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from minigpt.atomic import atomic_write
 from minigpt.module import load_checkpoint
 
 
@@ -30,24 +29,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # same folder, so os.replace is a rename within one filesystem; ".part" so no *.ckpt glob matches it
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-            os.replace(tmp, path)
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)  # and the rename itself survives a crash
-            finally:
-                os.close(directory)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: str | Path, map_location: Callable | str | None = "cpu",
                         weights_only: bool | None = True) -> dict[str, Any]:

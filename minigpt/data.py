@@ -1,65 +1,26 @@
-"""Text, character tokenizer and batches of random windows, as a LightningDataModule."""
+"""Text, tokenizer and batches of random windows, as LightningDataModules: a text held in memory (TinyShakespeare),
+or a corpus of any size read from a memory-mapped token file (minigpt/corpus.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
+
+from minigpt.atomic import atomic_write
+from minigpt.corpus import Corpus, TokenFile, tokenize_corpus
+from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 log = logging.getLogger(__name__)
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-class CharTokenizer:
-    """Maps each distinct character of a text to an integer: its rank in sorted order."""
-
-    def __init__(self, vocab: str):
-        if len(set(vocab)) != len(vocab) or list(vocab) != sorted(vocab):
-            raise ValueError("vocab must be a string of distinct characters in sorted order")
-        self.vocab = vocab
-        # code points in sorted order, so that encoding is one vectorised binary search
-        self._codes = torch.tensor([ord(c) for c in vocab], dtype=torch.int64)
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The smallest integer type that holds every token id (uint8 for TinyShakespeare's 65)."""
-        if self.vocab_size <= 256:
-            return torch.uint8
-        return torch.int16 if self.vocab_size <= 2**15 else torch.int32
-
-    def encode(self, text: str) -> torch.Tensor:
-        """Token ids of `text` as a 1-D tensor of `self.dtype`; unknown characters raise a ValueError naming them."""
-        codes = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()
-        ids = torch.searchsorted(self._codes, codes).clamp_(max=self.vocab_size - 1)
-        unknown = self._codes[ids] != codes
-        if unknown.any():
-            chars = sorted({chr(c) for c in codes[unknown].tolist()})
-            raise ValueError(
-                f"{len(chars)} character(s) are not in the vocabulary: {', '.join(map(repr, chars))}. "
-                f"The vocabulary has {self.vocab_size} characters: {self.vocab!r}"
-            )
-        return ids.to(self.dtype)
-
-    def decode(self, ids: torch.Tensor | list[int]) -> str:
-        return "".join(self.vocab[i] for i in torch.as_tensor(ids).tolist())
 
 
 def sha256_of(path: Path) -> str:
@@ -68,7 +29,6 @@ def sha256_of(path: Path) -> str:
 
 def download(url: str, dest: Path, sha256: str | None, timeout: float = 30.0) -> None:
     """Fetch `url` to `dest` atomically: the file appears complete and verified, or not at all."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("Downloading %s to %s", url, dest)
     with urllib.request.urlopen(url, timeout=timeout) as response:
         payload = response.read()
@@ -76,16 +36,8 @@ def download(url: str, dest: Path, sha256: str | None, timeout: float = 30.0) ->
     if sha256 and digest != sha256:
         raise ValueError(f"Download from {url} has sha256 {digest}, expected {sha256}; nothing was written. "
                          "Check data.url and data.sha256 (data.sha256=null accepts any file).")
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)  # atomic on POSIX: readers never see a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(dest) as f:  # readers never see a half-written file
+        f.write(payload)
 
 
 def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha256: str | None) -> Path:
@@ -127,7 +79,7 @@ def read_text(file: Path) -> str:
         ) from None
 
 
-def windows(tokens: torch.Tensor, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def windows(tokens: torch.Tensor | TokenFile, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets for windows starting at `starts`: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
     offsets = starts[:, None] + torch.arange(block_size + 1, device=starts.device)  # (B, T+1)
     chunk = tokens[offsets].long()  # one gather for the whole batch, no Python loop per sample
@@ -141,13 +93,16 @@ def batch_seed(seed: int, rank: int, index: int) -> int:
 
 
 class RandomWindows(IterableDataset):
-    """An endless stream of batches of random windows.
+    """An endless stream of batches of random windows, from a tensor or a token file.
 
     Batch `i` is drawn from a generator seeded with (seed, rank, i) alone, so a run resumed at batch `i`
-    sees exactly the batches an uninterrupted run would, and each DDP rank sees different windows.
+    sees exactly the batches an uninterrupted run would, and each DDP rank sees different windows. In a
+    DataLoader with n workers, worker k makes batches start + k, start + k + n, ...: the loader takes them from
+    the workers in turn, so the stream is the same as without workers.
     """
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int, rank: int = 0, start: int = 0):
+    def __init__(self, tokens: torch.Tensor | TokenFile, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 start: int = 0):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.start = seed, rank, start
 
@@ -155,70 +110,47 @@ class RandomWindows(IterableDataset):
         device = self.tokens.device  # on a GPU the windows are drawn and gathered there: no copy per batch
         generator = torch.Generator(device)
         high = len(self.tokens) - self.block_size  # the last start whose target still fits
-        i = self.start
+        worker = get_worker_info()
+        i, step = (self.start + worker.id, worker.num_workers) if worker else (self.start, 1)
         while True:
             generator.manual_seed(batch_seed(self.seed, self.rank, i))
             starts = torch.randint(high, (self.batch_size,), generator=generator, device=device)
             yield windows(self.tokens, starts, self.block_size)
-            i += 1
+            i += step
 
 
-class TextDataModule(L.LightningDataModule):
-    """A character-level corpus split into the first `train_fraction` for training and the rest for validation.
+def check_settings(block_size: int, batch_size: int, train_fraction: float, val_batches: int | None) -> None:
+    if batch_size <= 0 or block_size <= 0:
+        raise ValueError(f"data.batch_size and data.block_size must be positive, got {batch_size} and {block_size}")
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"data.train_fraction must be between 0 and 1, got {train_fraction}")
+    if val_batches is not None and val_batches <= 0:
+        raise ValueError(f"data.val_batches must be positive, or null for the whole split, got {val_batches}")
 
-    Training batches are random windows; the validation set is a fixed set of windows, the same at every
-    validation, so `val/loss` is comparable across steps and runs.
+
+class WindowsDataModule(L.LightningDataModule):
+    """Random training windows and fixed validation windows of a token stream split in two; a subclass's `setup`
+    sets `tokenizer`, `train_tokens` and `val_tokens` through `split`.
+
+    The validation set is a fixed set of windows, the same at every validation, so `val/loss` is comparable
+    across steps and runs.
     """
 
-    def __init__(
-        self,
-        path: str | None = None,
-        name: str = "tinyshakespeare",
-        url: str | None = TINYSHAKESPEARE_URL,
-        sha256: str | None = TINYSHAKESPEARE_SHA256,
-        cache_dir: str = "~/.cache/minigpt",
-        block_size: int = 128,
-        batch_size: int = 32,
-        train_fraction: float = 0.9,
-        val_batches: int | None = 10,
-        seed: int = 1337,
-        tokens_on_gpu: bool = True,
-    ):
+    def __init__(self):
         super().__init__()
-        if batch_size <= 0 or block_size <= 0:
-            raise ValueError(f"data.batch_size and data.block_size must be positive, got {batch_size} and {block_size}")
-        if not 0.0 < train_fraction < 1.0:
-            raise ValueError(f"data.train_fraction must be between 0 and 1, got {train_fraction}")
-        if val_batches is not None and val_batches <= 0:
-            raise ValueError(f"data.val_batches must be positive, or null for the whole split, got {val_batches}")
-        self.save_hyperparameters()
-        self.cache_file = Path(cache_dir).expanduser() / name / (Path(url).name if url else "input.txt")
-        self.tokenizer: CharTokenizer | None = None
+        self.tokenizer: CharTokenizer | BPETokenizer | None = None
 
-    def prepare_data(self) -> None:
-        resolve_text_file(self.hparams.path, self.cache_file, self.hparams.url, self.hparams.sha256)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is not None:  # train.py sets up early to read the vocabulary; the Trainer calls again
-            return
+    def split(self, tokens: torch.Tensor | TokenFile, source: Path | str, unit: str) -> None:
+        """The first `train_fraction` of `tokens` trains, the rest validates; each must hold one window."""
         hp = self.hparams
-        file = resolve_text_file(hp.path, self.cache_file, hp.url, hp.sha256)
-        text = read_text(file)
-        n_train = int(len(text) * hp.train_fraction)
-        shortest = min(n_train, len(text) - n_train)
-        if shortest < hp.block_size + 1:
+        n_train = int(len(tokens) * hp.train_fraction)
+        if min(n_train, len(tokens) - n_train) < hp.block_size + 1:
             needed = int((hp.block_size + 1) / min(hp.train_fraction, 1 - hp.train_fraction)) + 1
             raise ValueError(
-                f"{file} has {len(text)} characters: too short for block_size={hp.block_size}. Each split needs "
-                f"block_size + 1 characters, so at least {needed} in all. Use a longer text or a smaller model.block_size."
+                f"{source} has {len(tokens)} {unit}: too short for block_size={hp.block_size}. Each split needs "
+                f"block_size + 1 {unit}, so at least {needed} in all. Use a longer text or a smaller model.block_size."
             )
-        self.tokenizer = CharTokenizer.from_text(text)
-        tokens = self.tokenizer.encode(text)  # uint8 for up to 256 characters: 1 byte per character
-        self.train_tokens, self.val_tokens = tokens[:n_train], tokens[n_train:]
-        log.info(
-            "%s: %d characters, vocabulary of %d, %d for training and %d for validation",
-            file, len(text), self.tokenizer.vocab_size, len(self.train_tokens), len(self.val_tokens),
-        )
+        self.train_tokens, self.val_tokens = tokens.split([n_train, len(tokens) - n_train])  # views, not copies
         self.val_set = TensorDataset(*self._validation_windows())
 
     def _validation_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,10 +169,105 @@ class TextDataModule(L.LightningDataModule):
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         rank = trainer.global_rank if trainer else 0
         tokens = self.train_tokens
-        if trainer and self.hparams.tokens_on_gpu and trainer.strategy.root_device.type == "cuda":
+        # (a token file stays on disk: only a text held in memory has the tokens_on_gpu setting)
+        if (trainer and isinstance(tokens, torch.Tensor) and self.hparams.tokens_on_gpu
+                and trainer.strategy.root_device.type == "cuda"):
             tokens = tokens.to(trainer.strategy.root_device)  # 1 byte per character: 1 MB for TinyShakespeare
         dataset = RandomWindows(tokens, self.hparams.block_size, self.hparams.batch_size, self.hparams.seed, rank, start)
-        return DataLoader(dataset, batch_size=None)  # batches are made whole by the dataset; a gather needs no workers
+        # Batches are made whole by the dataset. From memory, a gather needs no workers; from a token file, workers
+        # read the next batches while the model trains on this one.
+        workers = self.hparams.get("num_workers", 0)
+        return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False)
+
+
+class TextDataModule(WindowsDataModule):
+    """One text file, held in memory, tokenized by character: TinyShakespeare, downloaded on first use."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        name: str = "tinyshakespeare",
+        url: str | None = TINYSHAKESPEARE_URL,
+        sha256: str | None = TINYSHAKESPEARE_SHA256,
+        cache_dir: str = "~/.cache/minigpt",
+        block_size: int = 128,
+        batch_size: int = 32,
+        train_fraction: float = 0.9,
+        val_batches: int | None = 10,
+        seed: int = 1337,
+        tokens_on_gpu: bool = True,
+    ):
+        super().__init__()
+        check_settings(block_size, batch_size, train_fraction, val_batches)
+        self.save_hyperparameters()
+        self.cache_file = Path(cache_dir).expanduser() / name / (Path(url).name if url else "input.txt")
+
+    def prepare_data(self) -> None:
+        resolve_text_file(self.hparams.path, self.cache_file, self.hparams.url, self.hparams.sha256)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:  # train.py sets up early to read the vocabulary; the Trainer calls again
+            return
+        hp = self.hparams
+        file = resolve_text_file(hp.path, self.cache_file, hp.url, hp.sha256)
+        text = read_text(file)
+        tokenizer = CharTokenizer.from_text(text)
+        self.split(tokenizer.encode(text), file, "characters")  # uint8 for up to 256 characters: 1 byte each
+        self.tokenizer = tokenizer
+        log.info(
+            "%s: %d characters, vocabulary of %d, %d for training and %d for validation",
+            file, len(text), tokenizer.vocab_size, len(self.train_tokens), len(self.val_tokens),
+        )
+
+
+class CorpusDataModule(WindowsDataModule):
+    """A text file or a folder of text files of any size, tokenized once into a memory-mapped token file.
+
+    Memory does not grow with the corpus: tokenizing streams through the text in chunks, and training windows
+    are read from the token file batch by batch (see `minigpt.corpus.TokenFile`).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        glob: str = "**/*.txt",
+        tokenizer: str = "char",
+        vocab_size: int = 4096,
+        bpe_train_bytes: int = 100 * 2**20,
+        cache_dir: str = "~/.cache/minigpt",
+        block_size: int = 128,
+        batch_size: int = 32,
+        train_fraction: float = 0.9,
+        val_batches: int | None = 10,
+        seed: int = 1337,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if not path:
+            raise ValueError("data=text reads data.path: give a UTF-8 text file or a folder of them, "
+                             "e.g. data.path=/data/my_corpus")
+        check_settings(block_size, batch_size, train_fraction, val_batches)
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 (windows read in the training process) or more, got {num_workers}")
+        self.save_hyperparameters()
+
+    def prepare_data(self) -> None:
+        self._tokenize()  # written here once (on each node's first process); later calls find it in the cache
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:  # train.py sets up early to read the vocabulary; the Trainer calls again
+            return
+        corpus = self._tokenize()
+        self.split(corpus.tokens, self.hparams.path, "tokens")
+        self.tokenizer = corpus.tokenizer
+        log.info("%s: %d tokens in %s, vocabulary of %d, %d for training and %d for validation", self.hparams.path,
+                 len(corpus.tokens), corpus.tokens.path, corpus.tokenizer.vocab_size, len(self.train_tokens),
+                 len(self.val_tokens))
+
+    def _tokenize(self) -> Corpus:
+        hp = self.hparams
+        return tokenize_corpus(hp.path, hp.cache_dir, hp.glob, hp.tokenizer, hp.vocab_size, hp.bpe_train_bytes,
+                               hp.train_fraction)

@@ -47,7 +47,7 @@ def inspect(cfg: DictConfig) -> list[Path]:
 
     ids = text_ids(cfg, module)
     if cfg.what == "attention":
-        figures = attention_figures(model, ids, module.tokenizer.decode(ids))
+        figures = attention_figures(model, ids, module.tokenizer.pieces(ids))
         return [plots.save(figure, out_dir / f"attention_layer{i}.png") for i, figure in enumerate(figures)]
     return [render_autograd_graph(model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file)]
 
@@ -57,9 +57,10 @@ def validation_data(cfg: DictConfig, module: MiniGPTModule) -> TextDataModule:
                                          batch_size=cfg.batch_size)
     datamodule.prepare_data()
     datamodule.setup("validate")
-    if datamodule.tokenizer.vocab != module.tokenizer.vocab:
-        raise ValueError("The data's characters are not the checkpoint's vocabulary: give the text the model was "
-                         "trained on (data.path=...), or pass text=... to look at your own text.")
+    if datamodule.tokenizer.hparams() != module.tokenizer.hparams():
+        raise ValueError("The data's tokenizer (its characters, or its BPE) is not the checkpoint's: give the text the "
+                         "model was trained on (data.path=..., and data=text data.tokenizer=... if it was trained so), "
+                         "or pass text=... to look at your own text.")
     return datamodule
 
 
@@ -69,15 +70,16 @@ def validation_batch(cfg: DictConfig, module: MiniGPTModule) -> tuple[torch.Tens
 
 
 def text_ids(cfg: DictConfig, module: MiniGPTModule) -> torch.Tensor:
-    """Token ids (T,) of `cfg.text`, or of the validation split's first `cfg.length` characters; T <= block_size."""
+    """Token ids (T,) of `cfg.text`, or of the validation split's first `cfg.length` tokens; T <= block_size."""
     block_size = module.model.config.block_size
     if cfg.text:
-        if len(cfg.text) < 2:
-            raise ValueError("text must have at least 2 characters (the graph needs a next character to predict)")
         try:
-            return module.tokenizer.encode(cfg.text[:block_size]).long()
+            ids = module.tokenizer.encode(cfg.text)[:block_size].long()
         except ValueError as err:
             raise ValueError(f"The text {cfg.text!r} cannot be encoded: {err}") from None
+        if len(ids) < 2:
+            raise ValueError("text must have at least 2 tokens (the graph needs a next token to predict)")
+        return ids
     return validation_data(cfg, module).val_tokens[: min(cfg.length, block_size)].long()
 
 

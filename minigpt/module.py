@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from minigpt.data import CharTokenizer
 from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import tokenizer_from_hparams
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
@@ -40,20 +40,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 class MiniGPTModule(L.LightningModule):
-    """Trains a `GPT` on character windows.
+    """Trains a `GPT` on windows of tokens.
 
-    Everything needed to rebuild the model is a plain hyper-parameter (the vocabulary as a string, sizes and
-    optimiser settings as dicts), so the checkpoint is self-contained and `hparams.yaml` is plain YAML:
+    Everything needed to rebuild the model is a plain hyper-parameter (the tokenizer as a string: a character
+    vocabulary, or with `bpe` a byte-level BPE's JSON; sizes and optimiser settings as dicts), so the checkpoint
+    is self-contained and `hparams.yaml` is plain YAML:
 
         MiniGPTModule(vocab="\\n !abc", model=dict(n_layer=2, n_head=2, n_embd=32, block_size=16))
+        MiniGPTModule(bpe=Path("tokenizer.json").read_text(), model=...)
     """
 
     def __init__(
         self,
-        vocab: str,
+        vocab: str | None = None,
         model: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
+        bpe: str | None = None,
     ):
         super().__init__()
         optimizer = {"name": "adamw", "lr": 3e-4, **(optimizer or {})}
@@ -66,10 +69,10 @@ class MiniGPTModule(L.LightningModule):
             raise ValueError(f"scheduler.name={scheduler['name']!r} is not one of {list(SCHEDULES)}")
         if scheduler["warmup_steps"] < 0:
             raise ValueError(f"scheduler.warmup_steps must be 0 or more, got {scheduler['warmup_steps']}")
-        self.save_hyperparameters({"vocab": vocab, "model": dict(model or {}), "optimizer": optimizer,
+        self.tokenizer = tokenizer_from_hparams(vocab, bpe)
+        self.save_hyperparameters({**self.tokenizer.hparams(), "model": dict(model or {}), "optimizer": optimizer,
                                    "scheduler": scheduler})
-        self.tokenizer = CharTokenizer(vocab)
-        self.model = GPT(GPTConfig(vocab_size=len(vocab), **self.hparams.model))
+        self.model = GPT(GPTConfig(vocab_size=self.tokenizer.vocab_size, **self.hparams.model))
         self.val_ppl = Perplexity()
         self._train_loss_sum: torch.Tensor | None = None  # since the last validation, for the console line
         self._train_loss_count = 0

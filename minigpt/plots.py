@@ -53,12 +53,16 @@ def gradient_flow(layers: list[str], mean_abs: list[float], max_abs: list[float]
     return figure
 
 
-def attention_heads(weights: np.ndarray, chars: str, title: str) -> Figure:
-    """One heatmap per head of a layer, `weights` (nh, T, T): row = the query's character, column = the key's."""
+def attention_heads(weights: np.ndarray, tokens: list[str], title: str) -> Figure:
+    """One heatmap per head of a layer, `weights` (nh, T, T): row = the query's token, column = the key's."""
     n_head, T, _ = weights.shape
-    labels = [VISIBLE.get(c, c) for c in chars]
-    side = 0.13 * T  # inches per head: room for one character label per row and column
-    margin_left, margin_bottom, margin_top, colorbar = 0.6, 0.6, 0.5, 0.9
+    labels = ["".join(VISIBLE.get(c, c) for c in token) for token in tokens]
+    side = 0.13 * T  # inches per head: room for one short label per row and column
+    # BPE tokens are words and pieces of words: upright under the maps they would run into each other, so
+    # they stand on end, and the margins grow with the longest (a 7-point monospace character is ~0.06 inch)
+    longest = max(map(len, labels), default=1)
+    label_inches = 0.06 * longest
+    margin_left, margin_bottom, margin_top, colorbar = 0.55 + label_inches, 0.55 + label_inches, 0.5, 0.9
     width = margin_left + n_head * (side + 0.15) + colorbar
     height = margin_bottom + side + margin_top
     # Fixed margins and the characters as plain text, not tick labels: a tick is two markers, two texts and a
@@ -73,12 +77,12 @@ def attention_heads(weights: np.ndarray, chars: str, title: str) -> Figure:
         ax.set_xticks([])
         ax.set_yticks([])
         for i, label in enumerate(labels):  # keys under each map; y grows downwards in an image
-            ax.text(i, T - 0.5 + 0.4, label, ha="center", va="top", **label_style)
+            ax.text(i, T - 0.5 + 0.4, label, ha="center", va="top", rotation=90 if longest > 1 else 0, **label_style)
         ax.set_title(f"head {h}", fontsize=9)
-        ax.set_xlabel("key (attended to)", fontsize=8, labelpad=13)
+        ax.set_xlabel("key (attended to)", fontsize=8, labelpad=8 + 72 * label_inches)
     for i, label in enumerate(labels):  # queries left of the first map, shared by the heads to its right
         axes[0].text(-0.5 - 0.4, i, label, ha="right", va="center", **label_style)
-    axes[0].set_ylabel("query (attending)", fontsize=8, labelpad=10)
+    axes[0].set_ylabel("query (attending)", fontsize=8, labelpad=8 + 72 * label_inches)
     colorbar_axes = figure.add_axes((1 - colorbar / width + 0.15 / width, margin_bottom / height,
                                      0.12 / width, side / height))
     figure.colorbar(image, cax=colorbar_axes, label="attention weight")

@@ -12,7 +12,7 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from minigpt.data import TextDataModule
+from minigpt.data import WindowsDataModule
 from minigpt.module import warmup_cosine
 from tests.conftest import CONF, ROOT, compose_train
 
@@ -69,7 +69,7 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     datamodule = hydra.utils.instantiate(cfg.data)
-    assert isinstance(datamodule, TextDataModule)
+    assert isinstance(datamodule, WindowsDataModule)
     for entry in (cfg.get("callbacks") or {}).values():
         hydra.utils.instantiate(entry)
     for entry in (cfg.get("logger") or {}).values():

@@ -2,7 +2,7 @@
 
 At every `every_n_validations`-th validation, the text goes through the model's explicit attention path
 (`GPT.forward_with_attention`; training keeps the fused kernel) and each layer's heads are logged as one image,
-`attention/layer_<i>`, with the characters on both axes, and saved as `attention_layer<i>.png` in `dirpath`.
+`attention/layer_<i>`, with the tokens on both axes, and saved as `attention_layer<i>.png` in `dirpath`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from minigpt.callbacks.tensorboard import add_figure
 from minigpt.model import GPT
 
 
-def attention_figures(model: GPT, idx: torch.Tensor, chars: str) -> list:
-    """One figure per layer for the token ids `idx` (T,) whose characters are `chars`."""
+def attention_figures(model: GPT, idx: torch.Tensor, labels: list[str]) -> list:
+    """One figure per layer for the token ids `idx` (T,), whose texts (characters, or BPE tokens) are `labels`."""
     with torch.no_grad():
         _, maps = model.forward_with_attention(idx[None])  # (n_layer, 1, nh, T, T)
     maps = maps[:, 0].float().cpu().numpy()
-    return [plots.attention_heads(layer, chars, f"layer {i}: attention of each head") for i, layer in enumerate(maps)]
+    return [plots.attention_heads(layer, labels, f"layer {i}: attention of each head") for i, layer in enumerate(maps)]
 
 
 class AttentionMaps(Callback):
@@ -31,8 +31,8 @@ class AttentionMaps(Callback):
                  dirpath: str | None = None):
         """
         Args:
-            text: the text to look at; None = the first `length` characters of the validation split.
-            length: characters of validation text (with text=None); at most the model's block_size is used.
+            text: the text to look at; None = the first `length` tokens of the validation split.
+            length: tokens of validation text (with text=None); at most the model's block_size is used.
             every_n_validations: draw at every n-th validation (each draws one image per layer).
             dirpath: where to save the latest maps as PNG; None = TensorBoard only.
         """
@@ -50,11 +50,10 @@ class AttentionMaps(Callback):
             return
         block_size = pl_module.model.config.block_size
         if self.text is not None:
-            idx = pl_module.tokenizer.encode(self.text[:block_size])
+            idx = pl_module.tokenizer.encode(self.text)[:block_size]
         else:
             idx = trainer.datamodule.val_tokens[: min(self.length, block_size)]
-        chars = pl_module.tokenizer.decode(idx)
-        figures = attention_figures(pl_module.model, idx.long().to(pl_module.device), chars)
+        figures = attention_figures(pl_module.model, idx.long().to(pl_module.device), pl_module.tokenizer.pieces(idx))
         for i, figure in enumerate(figures):
             add_figure(trainer, f"attention/layer_{i}", figure,
                        self.dirpath / f"attention_layer{i}.png" if self.dirpath else None)

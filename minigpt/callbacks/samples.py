@@ -27,6 +27,15 @@ class TextSamples(Callback):
         self.prompt, self.max_new_tokens, self.temperature, self.seed = prompt, max_new_tokens, temperature, seed
         self.tag = "samples/" + (re.sub(r"[^A-Za-z0-9_]+", "_", prompt).strip("_") or "prompt")
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # at the start, not at the first validation: a corpus without the prompt's characters fails before training
+        try:
+            pl_module.tokenizer.encode(self.prompt)
+        except ValueError as err:
+            raise ValueError(f"callbacks.text_samples.prompt={self.prompt!r} cannot be encoded: {err}. Set "
+                             "callbacks.text_samples.prompt to text of your corpus, or drop the samples with "
+                             "~callbacks.text_samples.") from None
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         targets = writers(trainer)
         if trainer.sanity_checking or not trainer.is_global_zero or not targets:

@@ -1,0 +1,251 @@
+"""A text file or a folder of text files of any size, tokenized once into a memory-mapped token file.
+
+The token file is the corpus's token ids end to end, in the smallest unsigned type that holds the vocabulary
+(1, 2 or 4 bytes per token), next to the tokenizer (`meta.json` holds a character vocabulary, `tokenizer.json`
+a BPE) in a cache folder. It is written once, streaming through the text in chunks, and reused while the
+source's fingerprint (each file's path, size and modification time, and the tokenizer settings) matches.
+Nothing here holds more than a chunk of text or a batch of windows in memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import fcntl
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minigpt.atomic import atomic_write
+from minigpt.tokenizer import SAFE_SPLIT, BPETokenizer, CharTokenizer, token_dtype
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # part of the fingerprint: a change to how token files are written makes old ones stale
+TOKENIZERS = ("char", "bpe")
+
+
+def source_files(path: str, glob: str) -> list[Path]:
+    """The files of `path`: itself, or the files under it that match `glob`, hidden ones left out, sorted by path."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path={path} does not exist. Give a UTF-8 text file or a folder of them.")
+    files = sorted((p for p in root.glob(glob)
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise FileNotFoundError(f"data.path={path} is a folder with no file matching data.glob={glob} (hidden files "
+                                "and folders are skipped). Pass data.glob='**/*' for every file in it and its "
+                                "subfolders, or point data.path at a file.")
+    return files
+
+
+def fingerprint(files: list[Path], settings: dict) -> str:
+    """What the token file was made from: each file's path, size and modification time, and the tokenizer settings.
+
+    Editing, adding, removing or touching a file changes it; reading a file's contents is not needed.
+    """
+    listing = []
+    for file in files:
+        stat = file.stat()
+        listing.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
+    blob = json.dumps({"format": FORMAT, "files": listing, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def last_safe_cut(text: str) -> int:
+    """The end of the text's last `SAFE_SPLIT` point, or 0: where a chunk can end without changing a BPE token."""
+    end = len(text)
+    while (newline := text.rfind("\n", 0, end)) > 0:
+        if newline + 1 < len(text) and not text[newline - 1].isspace() and not text[newline + 1].isspace():
+            return newline + 1
+        end = newline
+    return 0
+
+
+def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = None,
+                limit_bytes: int | None = None) -> Iterator[str]:
+    """The files' text, one after the other, in pieces of about `chunk_bytes` bytes cut at `SAFE_SPLIT` points.
+
+    Decoding is incremental, so a character split between two reads is joined up; a byte that is not UTF-8
+    raises a ValueError naming the file and the byte's offset. Stops after `limit_bytes` bytes, if given.
+    """
+    read = 0
+    for file in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        carry, offset = "", 0
+        with file.open("rb") as f:
+            while True:
+                data = f.read(chunk_bytes)
+                pending = len(decoder.getstate()[0])  # bytes of a character the previous read cut in two
+                try:
+                    text = carry + decoder.decode(data, final=not data)
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"{file} is not UTF-8 text: byte {offset - pending + err.start} ({err.reason}). Convert it, "
+                        f"e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8.txt`, or leave it out of "
+                        "data.path (data.glob chooses the files of a folder)."
+                    ) from None
+                offset += len(data)
+                read += len(data)
+                if progress is not None:
+                    progress.update(len(data))
+                done = not data or (limit_bytes is not None and read >= limit_bytes)
+                # a line longer than a few chunks is cut where the read ended, so memory stays bounded
+                cut = len(text) if done or len(text) > 4 * chunk_bytes else last_safe_cut(text)
+                if cut:
+                    yield text[:cut]
+                carry = text[cut:]
+                if done:
+                    break
+        if limit_bytes is not None and read >= limit_bytes:
+            return
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """Tokens `start` to `stop` of a token file, indexed like a 1-D CPU tensor of int64: `len()`, a slice, or a
+    tensor of positions (what `windows` gathers with).
+
+    Each read maps the file, copies out the tokens asked for and unmaps it. The pages a mapping has touched
+    count as this process's resident memory until it is unmapped, so one mapping kept for a whole run would
+    grow to the whole file as random windows visit it; mapped per read, resident memory is back where it was
+    after every batch, whatever the file's size (during a read it holds the pages of that batch's windows, whole
+    large folios on recent kernels). The pages stay in the kernel's page cache, shared and evictable, so the
+    next reads find them there. Mapping and faulting the pages in anew costs 0.5-1 ms a batch on a 2-core CPU
+    (benchmarks/corpus.py: 4x the time of reading through one long-lived mapping).
+    Only the path and the span are held, so the object pickles small (for spawned processes).
+    """
+
+    path: Path
+    dtype: np.dtype
+    start: int
+    stop: int
+
+    device = torch.device("cpu")  # where the training stream draws its random starts
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        tokens = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.start * self.dtype.itemsize,
+                           shape=(len(self),))
+        picked = tokens[index] if isinstance(index, slice) else tokens[torch.as_tensor(index).numpy()]
+        return torch.from_numpy(picked.astype(np.int64))  # a copy: the mapping closes with `tokens`
+
+    def split(self, sections: list[int]) -> tuple[TokenFile, ...]:
+        """Consecutive spans of these lengths, as `Tensor.split(sections)` gives views."""
+        if sum(sections) != len(self):
+            raise ValueError(f"sections {sections} do not add up to the {len(self)} tokens")
+        ends = np.cumsum([0, *sections]) + self.start
+        return tuple(TokenFile(self.path, self.dtype, int(a), int(b)) for a, b in zip(ends[:-1], ends[1:]))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A tokenized corpus: its token file and its tokenizer."""
+
+    tokens: TokenFile
+    tokenizer: CharTokenizer | BPETokenizer
+
+
+def corpus_folder(cache_dir: str | Path, path: str, settings: dict) -> Path:
+    """One cache folder per source and tokenizer settings: a changed source is rebuilt in place, not beside."""
+    key = json.dumps({"path": str(Path(path).expanduser().resolve()), **settings}, sort_keys=True)
+    name = Path(path).expanduser().resolve().name or "corpus"
+    return Path(cache_dir).expanduser() / "corpora" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def load_corpus(folder: Path, expected_fingerprint: str | None = None) -> Corpus | None:
+    """The corpus cached in `folder`, or None when there is none or it was made from something else."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+        return None
+    tokens_file = folder / "tokens.bin"
+    dtype = np.dtype(meta["dtype"])
+    if not tokens_file.is_file() or tokens_file.stat().st_size != meta["n_tokens"] * dtype.itemsize:
+        return None
+    if meta["tokenizer"] == "bpe":
+        tokenizer = BPETokenizer((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    else:
+        tokenizer = CharTokenizer(meta["vocab"])
+    return Corpus(TokenFile(tokens_file, dtype, 0, meta["n_tokens"]), tokenizer)
+
+
+def build_corpus(files: list[Path], folder: Path, tokenizer: str, vocab_size: int, bpe_train_bytes: int,
+                 train_fraction: float, chunk_bytes: int, fingerprint_: str) -> Corpus:
+    """Tokenize `files` into `folder`: the tokenizer first, then the token file, then `meta.json` to mark it whole.
+
+    A character vocabulary takes one pass over the text to collect its characters; a BPE learns its merges from
+    the training text (the first `train_fraction` of the bytes), at most its first `bpe_train_bytes`. Then one
+    pass encodes the text chunk by chunk into the token file.
+    """
+    total = sum(f.stat().st_size for f in files)
+    if tokenizer == "char":
+        chars: set[str] = set()
+        with tqdm(total=total, unit="B", unit_scale=True, desc="collecting characters") as progress:
+            for text in read_chunks(files, chunk_bytes, progress):
+                chars.update(text)
+        encoder: CharTokenizer | BPETokenizer = CharTokenizer("".join(sorted(chars)))
+        extra = {"vocab": encoder.vocab}
+    else:
+        train_bytes = min(int(total * train_fraction), bpe_train_bytes)
+        log.info("Training a byte-level BPE of %d tokens on the first %d bytes of %d", vocab_size, train_bytes, total)
+        lines = (line for text in read_chunks(files, chunk_bytes, limit_bytes=train_bytes)
+                 for line in SAFE_SPLIT.split(text))
+        encoder = BPETokenizer.train(lines, vocab_size)
+        with atomic_write(folder / "tokenizer.json") as f:
+            f.write(encoder.json.encode())
+        extra = {}
+    dtype = token_dtype(encoder.vocab_size)
+    n_tokens = 0
+    with atomic_write(folder / "tokens.bin") as out, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing to {dtype.name}") as progress:
+        for text in read_chunks(files, chunk_bytes, progress):
+            ids = encoder.encode(text).numpy().astype(dtype)
+            out.write(ids.tobytes())
+            n_tokens += len(ids)
+    meta = {"fingerprint": fingerprint_, "tokenizer": tokenizer, "vocab_size": encoder.vocab_size,
+            "dtype": dtype.name, "n_tokens": n_tokens, "files": len(files), "bytes": total, **extra}
+    with atomic_write(folder / "meta.json") as f:  # written last: a token file without it is never used
+        f.write(json.dumps(meta, indent=1).encode())
+    log.info("Wrote %d tokens (%s, %d bytes) to %s", n_tokens, dtype.name, n_tokens * dtype.itemsize, folder)
+    return Corpus(TokenFile(folder / "tokens.bin", dtype, 0, n_tokens), encoder)
+
+
+def tokenize_corpus(path: str, cache_dir: str | Path, glob: str = "**/*.txt", tokenizer: str = "char",
+                    vocab_size: int = 4096, bpe_train_bytes: int = 100 * 2**20, train_fraction: float = 0.9,
+                    chunk_bytes: int = 4 * 2**20) -> Corpus:
+    """The corpus at `path` (a file, or a folder's files matching `glob`), tokenized: from the cache when its
+    fingerprint matches, else written now."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"data.tokenizer={tokenizer} is not one of {', '.join(TOKENIZERS)}")
+    files = source_files(path, glob)
+    settings = {"tokenizer": tokenizer, "glob": glob}
+    if tokenizer == "bpe":
+        settings |= {"vocab_size": vocab_size, "bpe_train_bytes": bpe_train_bytes, "train_fraction": train_fraction}
+    folder = corpus_folder(cache_dir, path, settings)
+    current = fingerprint(files, settings)
+    if (corpus := load_corpus(folder, current)) is not None:
+        log.info("Using the token file in %s: the source is unchanged", folder)
+        return corpus
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        # DDP ranks started together (torchrun, SLURM) would all tokenize: one does, the others wait and reuse it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (corpus := load_corpus(folder, current)) is not None:
+            return corpus
+        log.info("Tokenizing %d file(s) of %s into %s", len(files), path, folder)
+        return build_corpus(files, folder, tokenizer, vocab_size, bpe_train_bytes, train_fraction, chunk_bytes,
+                            current)
