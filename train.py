@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,8 +20,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # private, no public name
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # private, no public name
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -58,7 +59,7 @@ PLUGINS = [
 ]
 # The training stream is an endless iterable that builds whole batches by one gather: workers would only add overhead.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-# Raised inside Lightning 2.6 by newer PyTorch; nothing a user can act on.
+# Raised inside Lightning 2.6 by newer PyTorch (the second by its all_gather under DDP); nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 warnings.filterwarnings("ignore", message=r".*torch.distributed.nn.functional.all_gather is deprecated.*")
 
@@ -177,9 +178,9 @@ def check_gpus(trainer: DictConfig) -> None:
     available, devices = torch.cuda.device_count(), trainer.devices
     if not available:
         raise ValueError(
-            f"trainer.accelerator={trainer.accelerator} asks for a GPU, but PyTorch sees none (torch {torch.__version__}, CUDA build: "
-            f"{torch.version.cuda or 'no'}). Train on the CPU with trainer=cpu (or trainer=default, which picks the "
-            "best device there is); trainer=ddp_cpu tries data parallelism with CPU processes."
+            f"trainer.accelerator={trainer.accelerator} asks for a GPU, but PyTorch sees none (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Train on the CPU with trainer=cpu (or "
+            "trainer=default, which picks the best device there is); trainer=ddp_cpu tries DDP with CPU processes."
         )
     wanted = len(devices) if OmegaConf.is_list(devices) else devices
     if isinstance(wanted, int) and wanted > available:
@@ -217,7 +218,7 @@ def run_job_in_new_process(job: HydraConfig) -> float:
     overrides, in the job's folder, the job starts its ranks the way `python train.py trainer=ddp` does.
     """
     command = [sys.executable, str(Path(__file__).resolve()), f"--config-name={job.job.config_name}"]
-    command += [f"--config-dir={source.path.removeprefix('file://')}" for source in job.runtime.config_sources
+    command += [f"--config-dir={source.path}" for source in job.runtime.config_sources
                 if source.provider == "command-line"]
     # hydra.output_subdir=null keeps the job's .hydra (its overrides, for `minigpt.report`); both log to train.log
     job_dir = job.runtime.output_dir.replace('"', '\\"')  # quoted, as its name holds = and ,
@@ -274,15 +275,17 @@ def is_installed(module: str) -> bool:
 
 
 def check_plugins(args: list[str]) -> None:
-    """Name the extra to install when the command line picks a sweeper or launcher whose plugin is missing.
-
-    Hydra would only say that the config is not among the options it knows.
-    """
+    """Name the extra to install when the command line picks a sweeper or launcher whose plugin is missing, and
+    refuse a SLURM launcher where SLURM is not: Hydra would say only that the config is not among the options it
+    knows, and submitit would fail with a traceback after the sweep had started."""
     for arg in args:
         for choice, plugin, extra in PLUGINS:
             if arg.lstrip("+~").startswith(choice) and not is_installed(plugin):
                 raise SystemExit(f"error: {arg} needs the Hydra plugin {plugin.split('.')[-1]}, which is not installed. "
                                  f"Install it with the project's extra: pip install -e \".[{extra}]\"")
+        if arg in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") and shutil.which("sbatch") is None:
+            raise SystemExit(f"error: {arg} submits SLURM jobs with sbatch, which is not on this machine's PATH. Run "
+                             "it on the cluster's login node, or try the sweep here with hydra/launcher=submitit_local.")
 
 
 if __name__ == "__main__":

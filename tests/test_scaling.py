@@ -91,6 +91,10 @@ def test_more_gpus_than_there_are_and_missing_plugins_get_clear_messages(monkeyp
     with pytest.raises(SystemExit, match=r"hydra/launcher=slurm needs the Hydra plugin hydra_submitit_launcher.*\.\[slurm\]"):
         train.check_plugins(["hydra/launcher=slurm"])
     train.check_plugins(["model=tiny", "trainer=ddp_cpu"])  # nothing to check
+    monkeypatch.setattr(train, "is_installed", lambda module: True)
+    monkeypatch.setattr(train.shutil, "which", lambda command: None)
+    with pytest.raises(SystemExit, match=r"hydra/launcher=slurm submits SLURM jobs with sbatch, which is not on this"):
+        train.check_plugins(["-m", "hydra/launcher=slurm"])
 
 
 def test_the_slurm_launcher_asks_for_one_task_per_gpu_on_trainer_num_nodes_nodes():
