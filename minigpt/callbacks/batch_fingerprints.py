@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(inputs: torch.Tensor) -> int:
-    """A 63-bit hash of a batch's token ids: equal batches, and only those, have equal fingerprints."""
+    """A 63-bit hash of a batch's token ids: equal for equal batches, and all but surely different otherwise."""
     data = inputs.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
