@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 
 import train
@@ -104,6 +105,21 @@ def test_the_slurm_launcher_asks_for_one_task_per_gpu_on_trainer_num_nodes_nodes
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+
+
+def test_other_ranks_get_no_log_file_and_other_logging_choices_replace_rank_zeros(monkeypatch):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        ours = compose(config_name="train", return_hydra_config=True)
+        disabled = compose(config_name="train", return_hydra_config=True, overrides=["hydra/job_logging=disabled"])
+    assert "handlers" not in disabled.hydra.job_logging  # nothing of ours is left to configure
+    settings = OmegaConf.to_container(ours.hydra)  # unresolved: the run folder is not known yet
+    settings = OmegaConf.create({"level": settings["job_logging"]["root"]["level"],
+                                 "output_subdir": settings["output_subdir"],
+                                 "file": settings["job_logging"]["handlers"]["file"]["filename"]
+                                 .replace("${hydra.runtime.output_dir}/${hydra.job.name}", "run/train")})
+    assert (settings.file, settings.level, settings.output_subdir) == ("run/train.log", "INFO", ".hydra")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert (settings.file, settings.level, settings.output_subdir) == ("/dev/null", "WARNING", None)
 
 
 @pytest.mark.slow
