@@ -50,6 +50,9 @@ OmegaConf.register_new_resolver(
 )
 # Where a job run by run_job_in_new_process leaves its metrics for the job that started it.
 METRICS_FILE = "MINIGPT_METRICS_FILE"
+# Hydra overrides of the sweep, not of its jobs: a job run by job_command leaves them out.
+SWEEP_SETTINGS = ("hydra.mode", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher", "hydra.sweep",
+                  "hydra.run", "hydra.output_subdir")
 # Config choices that need a Hydra plugin from one of the project's optional extras: (choice, plugin, extra).
 PLUGINS = [
     ("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "search"),
@@ -210,6 +213,18 @@ class JobProcessFailed(RuntimeError):
     """The new process that ran a multirun job as a run of its own failed; it has printed its own error."""
 
 
+def job_command(job: HydraConfig) -> list[str]:
+    """`python train.py` with this multirun job's overrides, as a single run that writes to the job's folder."""
+    command = [sys.executable, str(Path(__file__).resolve()), f"--config-name={job.job.config_name}"]
+    command += [f"--config-dir={source.path}" for source in job.runtime.config_sources
+                if source.provider == "command-line"]
+    command += [o for o in job.overrides.hydra if not o.lstrip("+~").startswith(SWEEP_SETTINGS)]
+    job_dir = job.runtime.output_dir.replace('"', '\\"')  # quoted, as its name holds = and ,
+    # hydra.output_subdir=null keeps the job's .hydra (its overrides, for `minigpt.report`); both log to train.log.
+    # hydra.mode=RUN: a config can ask for a multirun itself (hparams_search/*.yaml do).
+    return command + [*job.overrides.task, f'hydra.run.dir="{job_dir}"', "hydra.output_subdir=null", "hydra.mode=RUN"]
+
+
 def run_job_in_new_process(job: HydraConfig) -> float:
     """Run this multirun job as a single run in a process of its own, and return its best val/loss.
 
@@ -217,12 +232,7 @@ def run_job_in_new_process(job: HydraConfig) -> float:
     they would each start the whole sweep again (Lightning issue #11300). Started as a single run with the job's
     overrides, in the job's folder, the job starts its ranks the way `python train.py trainer=ddp` does.
     """
-    command = [sys.executable, str(Path(__file__).resolve()), f"--config-name={job.job.config_name}"]
-    command += [f"--config-dir={source.path}" for source in job.runtime.config_sources
-                if source.provider == "command-line"]
-    # hydra.output_subdir=null keeps the job's .hydra (its overrides, for `minigpt.report`); both log to train.log
-    job_dir = job.runtime.output_dir.replace('"', '\\"')  # quoted, as its name holds = and ,
-    command += [*job.overrides.task, f'hydra.run.dir="{job_dir}"', "hydra.output_subdir=null"]
+    command = job_command(job)
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "metrics.json"
         log.info("Running this job as a run of its own in a new process, which starts the run's other processes")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 
@@ -62,6 +63,22 @@ def test_only_runs_whose_processes_lightning_starts_leave_a_multirun_job(cfg_tin
                         "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)
     assert not restarts("trainer=ddp_cpu")
+
+
+def test_a_multirun_job_becomes_a_single_run_with_the_jobs_overrides_in_the_jobs_folder():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        job = compose(config_name="train", return_hydra_config=True, overrides=[
+            "hparams_search=lr_wd", "trainer=ddp_cpu", "optimizer.lr=0.001", "hydra.mode=MULTIRUN",
+            "hydra/launcher=basic", "hydra.sweep.dir=/sweep", "hydra.verbose=true"]).hydra
+        with open_dict(job):
+            job.runtime.output_dir = "/sweep/0_optimizer.lr=0.001,trainer=ddp_cpu"
+        command = train.job_command(job)
+        assert command[:3] == [sys.executable, str(ROOT / "train.py"), "--config-name=train"]
+        run = compose(config_name="train", overrides=command[3:], return_hydra_config=True)
+    assert run.hydra.mode == RunMode.RUN  # not the search hparams_search=lr_wd asks for: that would start again
+    assert run.hydra.run.dir == job.runtime.output_dir and run.hydra.output_subdir is None  # the job's .hydra stays
+    assert (run.optimizer.lr, run.trainer.devices, run.hydra.verbose) == (0.001, 2, True)
+    assert not any(o.startswith(("hydra/launcher", "hydra.sweep")) for o in command)
 
 
 def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them():
