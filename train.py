@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # private, no public name
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from minigpt.callbacks.divergence import NonFiniteLossError
@@ -34,10 +42,29 @@ OmegaConf.register_new_resolver(
 OmegaConf.register_new_resolver(
     "first_bytes", lambda text, n: str(text).encode()[:n].decode(errors="ignore"), replace=True
 )
+# The other processes of a multi-process run (Lightning's re-runs of this script for ranks > 0, and every task but the
+# first under torchrun or SLURM) write no .hydra folder and no log file, and log warnings only: rank zero writes the
+# run's. Lightning reads the rank from the environment (RANK, LOCAL_RANK, SLURM_PROCID) when it is imported.
+OmegaConf.register_new_resolver(
+    "on_rank_zero", lambda value, otherwise: value if rank_zero_only.rank == 0 else otherwise, replace=True
+)
+# Where a job run by run_job_in_new_process leaves its metrics for the job that started it.
+METRICS_FILE = "MINIGPT_METRICS_FILE"
+# Hydra overrides of the sweep, not of its jobs: a job run by job_command leaves them out.
+SWEEP_SETTINGS = ("hydra.mode", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher", "hydra.sweep",
+                  "hydra.run", "hydra.output_subdir")
+# Config choices that need a Hydra plugin from one of the project's optional extras: (choice, plugin, extra).
+PLUGINS = [
+    ("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "search"),
+    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "search"),
+    ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+]
 # The training stream is an endless iterable that builds whole batches by one gather: workers would only add overhead.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-# Raised inside Lightning 2.6 by newer PyTorch; nothing a user can act on.
+# Raised inside Lightning 2.6 by newer PyTorch (the second by its all_gather under DDP); nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+warnings.filterwarnings("ignore", message=r".*torch.distributed.nn.functional.all_gather is deprecated.*")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -72,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = make_trainer(cfg, callbacks, loggers)
+    log_global_batch(cfg, trainer, loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None,
                 weights_only=True)
 
@@ -126,13 +154,22 @@ def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file
                          "Resume with the model settings it was trained with (e.g. the same model=...).")
 
 
+def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list) -> None:
+    """Say how many windows and tokens one optimizer step learns from, over every device and node, and record it."""
+    per_device, accumulate = cfg.data.batch_size, trainer.accumulate_grad_batches
+    windows = per_device * accumulate * trainer.num_devices * trainer.num_nodes
+    batch = {"windows": windows, "tokens": windows * cfg.data.block_size, "devices": trainer.num_devices,
+             "num_nodes": trainer.num_nodes}
+    log.info("Global batch: %d windows per device x %d accumulated x %d devices x %d nodes = %d windows of %d "
+             "characters, %d tokens per optimizer step", per_device, accumulate, trainer.num_devices,
+             trainer.num_nodes, windows, cfg.data.block_size, batch["tokens"])
+    for logger in loggers:  # hparams.yaml and the HParams tab
+        logger.log_hyperparams({"global_batch": batch})
+
+
 def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"trainer.accelerator={cfg.trainer.accelerator} asks for a GPU, but PyTorch sees none "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
-            "Train on the CPU with trainer=cpu (or trainer=default, which picks the best device there is)."
-        )
+    if cfg.trainer.accelerator in ("gpu", "cuda"):
+        check_gpus(cfg.trainer)
     if not (isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps > 0):
         raise ValueError(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
     every, accumulate = cfg.trainer.val_check_interval, cfg.trainer.get("accumulate_grad_batches", 1)
@@ -147,12 +184,80 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
                                    plugins=[AtomicCheckpointIO()])
 
 
+def check_gpus(trainer: DictConfig) -> None:
+    """Refuse a GPU trainer on a machine without GPUs, or one that asks for more GPUs than PyTorch sees."""
+    available, devices = torch.cuda.device_count(), trainer.devices
+    if not available:
+        raise ValueError(
+            f"trainer.accelerator={trainer.accelerator} asks for a GPU, but PyTorch sees none (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Train on the CPU with trainer=cpu (or "
+            "trainer=default, which picks the best device there is); trainer=ddp_cpu tries DDP with CPU processes."
+        )
+    wanted = len(devices) if OmegaConf.is_list(devices) else devices
+    if isinstance(wanted, int) and wanted > available:
+        raise ValueError(
+            f"trainer.devices={devices} asks for {wanted} GPUs, but PyTorch sees {available} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Use trainer.devices=-1 for "
+            f"every GPU there is, or at most {available}; several machines take trainer.num_nodes (README: Scaling out)."
+        )
+
+
+def restarts_script(cfg: DictConfig) -> bool:
+    """Whether Lightning would start this run's other processes by running this script again (`trainer=ddp` on
+    several devices, not under torchrun or SLURM, which start every process themselves)."""
+    with warnings.catch_warnings():  # the Trainer built for the run says all this again
+        warnings.simplefilter("ignore")
+        logging.disable(logging.INFO)
+        try:
+            strategy = make_trainer(cfg, [], []).strategy
+        finally:
+            logging.disable(logging.NOTSET)
+    launcher = strategy.launcher
+    return (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
+            and not strategy.cluster_environment.creates_processes_externally)
+
+
+class JobProcessFailed(RuntimeError):
+    """The new process that ran a multirun job as a run of its own failed; it has printed its own error."""
+
+
+def job_command(job: HydraConfig) -> list[str]:
+    """`python train.py` with this multirun job's overrides, as a single run that writes to the job's folder."""
+    command = [sys.executable, str(Path(__file__).resolve()), f"--config-name={job.job.config_name}"]
+    command += [f"--config-dir={source.path}" for source in job.runtime.config_sources
+                if source.provider == "command-line"]
+    command += [o for o in job.overrides.hydra if not o.lstrip("+~").startswith(SWEEP_SETTINGS)]
+    job_dir = job.runtime.output_dir.replace('"', '\\"')  # quoted, as its name holds = and ,
+    # hydra.output_subdir=null keeps the job's .hydra (its overrides, for `minigpt.report`); both log to train.log.
+    # hydra.mode=RUN: a config can ask for a multirun itself (hparams_search/*.yaml do).
+    return command + [*job.overrides.task, f'hydra.run.dir="{job_dir}"', "hydra.output_subdir=null", "hydra.mode=RUN"]
+
+
+def run_job_in_new_process(job: HydraConfig) -> float:
+    """Run this multirun job as a single run in a process of its own, and return its best val/loss.
+
+    Lightning starts a DDP run's other ranks by running the script again with its arguments: under a multirun
+    they would each start the whole sweep again (Lightning issue #11300). Started as a single run with the job's
+    overrides, in the job's folder, the job starts its ranks the way `python train.py trainer=ddp` does.
+    """
+    command = job_command(job)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "metrics.json"
+        log.info("Running this job as a run of its own in a new process, which starts the run's other processes")
+        status = subprocess.run(command, cwd=hydra.utils.get_original_cwd(),
+                                env={**os.environ, METRICS_FILE: str(result)}).returncode
+        if status != 0:
+            raise JobProcessFailed(f"this job's training process exited with status {status}: see its error above "
+                                   f"and {job.runtime.output_dir}/train.log")
+        return json.loads(result.read_text())["val/loss_best"]
+
+
 class JobFailed(CompactHydraException):
     """A multirun job's error, printed by Hydra without a traceback once the other jobs have run."""
 
 
 # Mistakes in the input and diverged runs: reported in one paragraph, not as a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError)
+USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError, JobProcessFailed)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -161,8 +266,14 @@ def main(cfg: DictConfig) -> float:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+        logging.getLogger(name).setLevel(logging.NOTSET)  # the root's level: INFO, or WARNING on ranks > 0
     try:
-        return train(cfg)["val/loss_best"]  # the value a Hydra sweeper minimises
+        if HydraConfig.get().mode == RunMode.MULTIRUN and restarts_script(cfg):
+            return run_job_in_new_process(HydraConfig.get())
+        metrics = train(cfg)
+        if os.environ.get(METRICS_FILE) and rank_zero_only.rank == 0:  # a job run by run_job_in_new_process
+            Path(os.environ[METRICS_FILE]).write_text(json.dumps(metrics))
+        return metrics["val/loss_best"]  # the value a Hydra sweeper minimises
     except Exception as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         if not isinstance(cause, USER_ERRORS):
@@ -174,5 +285,27 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(f"error: {cause}") from None
 
 
+def is_installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (hydra_plugins) is missing too
+        return False
+
+
+def check_plugins(args: list[str]) -> None:
+    """Name the extra to install when the command line picks a sweeper or launcher whose plugin is missing, and
+    refuse a SLURM launcher where SLURM is not: Hydra would say only that the config is not among the options it
+    knows, and submitit would fail with a traceback after the sweep had started."""
+    for arg in args:
+        for choice, plugin, extra in PLUGINS:
+            if arg.lstrip("+~").startswith(choice) and not is_installed(plugin):
+                raise SystemExit(f"error: {arg} needs the Hydra plugin {plugin.split('.')[-1]}, which is not installed. "
+                                 f"Install it with the project's extra: pip install -e \".[{extra}]\"")
+        if arg in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") and shutil.which("sbatch") is None:
+            raise SystemExit(f"error: {arg} submits SLURM jobs with sbatch, which is not on this machine's PATH. Run "
+                             "it on the cluster's login node, or try the sweep here with hydra/launcher=submitit_local.")
+
+
 if __name__ == "__main__":
+    check_plugins(sys.argv[1:])
     main()

@@ -91,8 +91,8 @@ class MiniGPTModule(L.LightningModule):
         _, loss = self.model(x, y)
         # self.log costs ~1 ms of Python per call (Lightning moves its result state every time), which on a GPU
         # stalls small models; log only on the steps that are written, which is all the loggers would keep.
-        if self._is_logging_step():
-            self.log("train/loss", loss, prog_bar=True)
+        if self._is_logging_step():  # under DDP, the mean over every rank's batch (one all-reduce per logged step)
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self._train_loss_sum = loss.detach() + (self._train_loss_sum if self._train_loss_count else 0.0)
         self._train_loss_count += 1
         return loss

@@ -3,7 +3,8 @@
 Each step only queues `isfinite(loss)` on the device; the queue is read (one host sync) every
 `check_every_n_steps` steps, which default to the logging steps that sync anyway, and always before a
 checkpoint is written, before a validation and at the end of training. A checkpoint is written only if the
-weights are finite, so `last.ckpt` is always the last good state.
+weights are finite, so `last.ckpt` is always the last good state. Under DDP the ranks agree on the verdict (one
+small all-reduce per check), so they stop together.
 """
 
 from __future__ import annotations
@@ -50,9 +51,17 @@ class StopOnNonFiniteLoss(Callback):
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, weights_too: bool = False) -> None:
         finite, steps = self._finite, self._steps[: len(self._finite)]
         self._finite, self._steps = [], self._steps[len(self._finite):]
+        no_step = torch.iinfo(torch.int64).max
+        first_bad = no_step
         if finite and not (flags := torch.stack(finite).cpu()).all():  # the one host sync
-            step = steps[int((~flags).int().argmax())]
-            raise NonFiniteLossError(f"train/loss became non-finite at step {step}. {self._diagnosis(trainer, pl_module)}")
+            first_bad = steps[int((~flags).int().argmax())]
+        # Under DDP each rank has its own loss: every rank takes the earliest bad step of any of them, so they all
+        # stop together instead of leaving the others waiting in the next collective. One process: no communication.
+        if trainer.world_size > 1:
+            first_bad = int(trainer.strategy.reduce(torch.tensor(first_bad, device=pl_module.device), reduce_op="min"))
+        if first_bad != no_step:
+            raise NonFiniteLossError(
+                f"train/loss became non-finite at step {first_bad}. {self._diagnosis(trainer, pl_module)}")
         if weights_too:
             weights = list(pl_module.parameters())
             if weights and not torch.stack([torch.isfinite(p).all() for p in weights]).all():

@@ -112,8 +112,9 @@ class GradientHealth(Callback):
             self.every_n_steps = trainer.log_every_n_steps
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        # Lightning calls this after unscaling (mixed precision) and before clipping: the true raw gradient.
-        if (trainer.global_step + 1) % self.every_n_steps:
+        # Lightning calls this after unscaling (mixed precision) and before clipping: the true raw gradient. Under
+        # DDP the gradients are already averaged over the ranks, and only rank zero's loggers write: measure there.
+        if (trainer.global_step + 1) % self.every_n_steps or not trainer.is_global_zero:
             return
         lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
         param_norms, layers = measure(pl_module.model, lr_of)
@@ -128,8 +129,7 @@ class GradientHealth(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.latest = (trainer.global_step, layers)
-        if trainer.is_global_zero:
-            self.warn(trainer.global_step, layers)
+        self.warn(trainer.global_step, layers)
 
     def warn(self, step: int, layers: list[LayerStats]) -> None:
         vanished = [f"{s.name} ({s.grad_norm:.1e})" for s in layers if s.grad_norm <= self.vanish_below]

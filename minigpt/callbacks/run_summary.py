@@ -33,6 +33,8 @@ class RunSummary(Callback):
         value, _ = best(scalars.get("val/loss"))
         if not math.isnan(value):
             params = self.hyperparameters(trainer, pl_module)
+            if "global_batch" in logger.hparams:  # windows and tokens per optimizer step, logged by train.py
+                params["global_batch"] = logger.hparams["global_batch"]
             logger.log_hyperparams(params, {"val/loss_best": value}, step=trainer.global_step)
 
     @staticmethod

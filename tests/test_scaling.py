@@ -1,0 +1,219 @@
+"""Scaling out: DDP over two CPU processes, a cluster sweep of DDP jobs, and the Optuna search, each run for real."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import hydra
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf, open_dict
+
+import train
+from minigpt.callbacks.batch_fingerprints import fingerprint
+from minigpt.callbacks.divergence import NonFiniteLossError, StopOnNonFiniteLoss
+from minigpt.data import RandomWindows
+from minigpt.module import load_checkpoint
+from tests.conftest import CONF, ROOT, TINY, compose_train
+
+DDP = [o for o in TINY if o != "trainer=cpu"] + ["trainer=ddp_cpu"]  # two processes over gloo
+# What a sweep's jobs need: no pictures or samples (their drawing is tested elsewhere), fewer steps.
+SWEEP = [o for o in TINY if not o.startswith(("trainer", "callbacks."))] + [
+    "trainer.max_steps=10", "trainer.val_check_interval=5", "trainer.log_every_n_steps=5",
+    "~callbacks.computation_graph", "~callbacks.attention_maps", "~callbacks.text_samples"]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out
+
+
+def short_job_names(overrides: list[str]) -> str:
+    """Job folders named by the swept overrides only: all of them would make a name too long for the file system."""
+    keys = ["data.path"] + [o.split("=")[0].lstrip("~+") for o in overrides]
+    return f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"
+
+
+def rank_fingerprints(train_log: Path) -> list[str]:
+    line = re.search(r"First training batch \(step 0\) of each rank: (.*)", train_log.read_text()).group(1)
+    return re.findall(r"rank \d+ ([0-9a-f]{16})", line)
+
+
+def test_only_runs_whose_processes_lightning_starts_leave_a_multirun_job(cfg_tiny, monkeypatch):
+    def restarts(*overrides: str) -> bool:
+        cfg = compose_train(overrides)
+        with open_dict(cfg):
+            cfg.run_dir = cfg_tiny.run_dir
+        return train.restarts_script(cfg)
+
+    assert restarts("trainer=ddp_cpu")  # Lightning would run train.py again for rank 1
+    assert not restarts("trainer=cpu") and not restarts("trainer=ddp_cpu", "trainer.devices=1")
+    # under torchrun (or SLURM) every process is started by the launcher: the job trains where it is
+    for name, value in {"TORCHELASTIC_RUN_ID": "1", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": "2",
+                        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    assert not restarts("trainer=ddp_cpu")
+
+
+def test_a_multirun_job_becomes_a_single_run_with_the_jobs_overrides_in_the_jobs_folder():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        job = compose(config_name="train", return_hydra_config=True, overrides=[
+            "hparams_search=lr_wd", "trainer=ddp_cpu", "optimizer.lr=0.001", "hydra.mode=MULTIRUN",
+            "hydra/launcher=basic", "hydra.sweep.dir=/sweep", "hydra.verbose=true"]).hydra
+        with open_dict(job):
+            job.runtime.output_dir = "/sweep/0_optimizer.lr=0.001,trainer=ddp_cpu"
+        command = train.job_command(job)
+        assert command[:3] == [sys.executable, str(ROOT / "train.py"), "--config-name=train"]
+        run = compose(config_name="train", overrides=command[3:], return_hydra_config=True)
+    assert run.hydra.mode == RunMode.RUN  # not the search hparams_search=lr_wd asks for: that would start again
+    assert run.hydra.run.dir == job.runtime.output_dir and run.hydra.output_subdir is None  # the job's .hydra stays
+    assert (run.optimizer.lr, run.trainer.devices, run.hydra.verbose) == (0.001, 2, True)
+    assert not any(o.startswith(("hydra/launcher", "hydra.sweep")) for o in command)
+
+
+def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them():
+    """A rank whose own losses were finite still stops, at the step another rank reported: none is left waiting."""
+    model = torch.nn.Linear(2, 2)
+    pl_module = SimpleNamespace(device=torch.device("cpu"), parameters=model.parameters,
+                                named_parameters=model.named_parameters)
+    other_rank_saw = torch.tensor(7)
+    trainer = SimpleNamespace(world_size=2, global_step=9, strategy=SimpleNamespace(
+        reduce=lambda mine, reduce_op: torch.minimum(mine, other_rank_saw) if reduce_op == "min" else None))
+    callback = StopOnNonFiniteLoss(check_every_n_steps=10)
+    for step in (8, 9):  # this rank's losses: finite
+        trainer.global_step = step
+        callback.on_train_batch_start(trainer)
+        callback._finite.append(torch.tensor(True))
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 7"):
+        callback._check(trainer, pl_module)
+
+
+def test_more_gpus_than_there_are_and_missing_plugins_get_clear_messages(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"trainer.devices=4 asks for 4 GPUs, but PyTorch sees 2 .* trainer.devices=-1"):
+        train.check_gpus(OmegaConf.create({"accelerator": "gpu", "devices": 4}))
+    train.check_gpus(OmegaConf.create({"accelerator": "gpu", "devices": -1}))  # every GPU there is
+    monkeypatch.setattr(train, "is_installed", lambda module: False)
+    with pytest.raises(SystemExit, match=r"hparams_search=lr_wd needs the Hydra plugin hydra_optuna_sweeper.*\.\[search\]"):
+        train.check_plugins(["model=tiny", "hparams_search=lr_wd"])
+    with pytest.raises(SystemExit, match=r"hydra/launcher=slurm needs the Hydra plugin hydra_submitit_launcher.*\.\[slurm\]"):
+        train.check_plugins(["hydra/launcher=slurm"])
+    train.check_plugins(["model=tiny", "trainer=ddp_cpu"])  # nothing to check
+    monkeypatch.setattr(train, "is_installed", lambda module: True)
+    monkeypatch.setattr(train.shutil, "which", lambda command: None)
+    with pytest.raises(SystemExit, match=r"hydra/launcher=slurm submits SLURM jobs with sbatch, which is not on this"):
+        train.check_plugins(["-m", "hydra/launcher=slurm"])
+
+
+def test_the_slurm_launcher_asks_for_one_task_per_gpu_on_trainer_num_nodes_nodes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=8"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+
+
+def test_other_ranks_get_no_log_file_and_other_logging_choices_replace_rank_zeros(monkeypatch):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        ours = compose(config_name="train", return_hydra_config=True)
+        disabled = compose(config_name="train", return_hydra_config=True, overrides=["hydra/job_logging=disabled"])
+    assert "handlers" not in disabled.hydra.job_logging  # nothing of ours is left to configure
+    settings = OmegaConf.to_container(ours.hydra)  # unresolved: the run folder is not known yet
+    settings = OmegaConf.create({"level": settings["job_logging"]["root"]["level"],
+                                 "output_subdir": settings["output_subdir"],
+                                 "file": settings["job_logging"]["handlers"]["file"]["filename"]
+                                 .replace("${hydra.runtime.output_dir}/${hydra.job.name}", "run/train")})
+    assert (settings.file, settings.level, settings.output_subdir) == ("run/train.log", "INFO", ".hydra")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert (settings.file, settings.level, settings.output_subdir) == ("/dev/null", "WARNING", None)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resumes_on_one(text_file, tmp_path):
+    run_dir = tmp_path / "run"
+    run(DDP + [f"data.path={text_file}", f"hydra.run.dir={run_dir}"])
+
+    # each rank drew the windows of its own stream: rank r's first batch is RandomWindows(rank=r)'s first batch
+    cfg = compose_train(DDP + [f"data.path={text_file}"])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup()
+    expected = [f"{fingerprint(next(iter(RandomWindows(datamodule.train_tokens, 16, 8, cfg.seed, rank)))[0]):016x}"
+                for rank in (0, 1)]
+    assert rank_fingerprints(run_dir / "train.log") == expected and expected[0] != expected[1]
+
+    # one set of outputs: rank 1 wrote no log, .hydra, events, checkpoints or pictures of its own
+    log = (run_dir / "train.log").read_text()
+    assert "Global batch: 8 windows per device x 1 accumulated x 2 devices x 1 nodes = 16 windows" in log
+    assert log.count("Finished at step 40") == 1 and "[rank: 1]" not in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    written = {p.name for p in run_dir.iterdir()} - {"graph.svg", "graph.dot"}  # graph.dot where Graphviz is missing
+    assert sorted(written) == [".hydra", "attention_layer0.png", "attention_layer1.png", "checkpoints",
+                               "gradient_flow.png", "loss_curve.png", "tensorboard", "train.log"]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    hparams = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())
+    assert hparams["global_batch"] == {"windows": 16, "tokens": 256, "devices": 2, "num_nodes": 1}
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 40
+
+    # the DDP checkpoint resumes on one process, in the same folder
+    resume = compose_train(TINY + [f"data.path={text_file}", f"ckpt_path={run_dir}", "trainer.max_steps=60"])
+    with open_dict(resume):
+        resume.run_dir = str(tmp_path / "unused")
+    metrics = train.train(resume)
+    assert metrics["step"] == 60 and metrics["val/loss"] < 3.0
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 60
+    assert not (tmp_path / "unused").exists()
+
+
+@pytest.mark.slow
+def test_a_submitit_sweep_runs_its_ddp_job_as_a_run_of_its_own_and_each_job_once(text_file, tmp_path):
+    """A DDP job and a one-process job through the local submitit launcher: the DDP job becomes a run of its own
+    whose rank 1 Lightning starts, without starting the sweep again (Lightning issue #11300)."""
+    out = run(["-m", "hydra/launcher=submitit_local", "trainer=ddp_cpu,cpu", *SWEEP, f"data.path={text_file}",
+               f"hydra.sweep.dir={tmp_path}", short_job_names(SWEEP)])
+    assert out.stdout.count("Submitit 'local' sweep output dir") == 1
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [j.name for j in jobs] == ["0_trainer=ddp_cpu", "1_trainer=cpu"]
+    logs = [p.read_text() for p in (tmp_path / ".submitit").rglob("*_log.*")]
+    assert len(logs) == 4 and not any("sweep output dir" in text or "Launching" in text for text in logs)
+    for job, processes in zip(jobs, (2, 1)):
+        assert sorted(p.name for p in job.iterdir()) == [".hydra", "checkpoints", "gradient_flow.png", "loss_curve.png",
+                                                         "tensorboard", "train.log"]
+        log = (job / "train.log").read_text()
+        assert ("Running this job as a run of its own" in log) == (processes > 1)  # one process trains in place
+        assert f"x {processes} devices" in log and log.count("Finished at step 10") == 1
+        assert len(set(rank_fingerprints(job / "train.log"))) == processes
+        assert load_checkpoint(job / "checkpoints" / "last.ckpt")["global_step"] == 10
+
+
+@pytest.mark.slow
+def test_an_optuna_search_of_three_trials_returns_the_best_trial(text_file, tmp_path):
+    overrides = [o for o in TINY if not o.startswith(("optimizer.", "callbacks."))] + [
+        "trainer.max_steps=10", "trainer.val_check_interval=5", "logger=csv", "~callbacks.computation_graph",
+        "~callbacks.attention_maps", "~callbacks.text_samples"]
+    run(["hparams_search=lr_wd", "hydra.sweeper.n_trials=3", *overrides, f"data.path={text_file}",
+         f"hydra.sweep.dir={tmp_path}", short_job_names(overrides + ["hparams_search"])])
+    trials = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(trials) == 3
+    best_val_loss = {}
+    for trial in trials:
+        params = dict(o.split("=") for o in yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text())
+                      if o.startswith("optimizer."))
+        assert 1e-4 <= float(params["optimizer.lr"]) <= 3e-2 and 0 <= float(params["optimizer.weight_decay"]) <= 0.2
+        with open(trial / "csv" / "metrics.csv") as f:
+            best_val_loss[trial.name] = min(float(row["val/loss"]) for row in csv.DictReader(f) if row["val/loss"])
+    assert len({name.split("_", 1)[1] for name in best_val_loss}) == 3  # three different trials
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    best = min(best_val_loss, key=best_val_loss.get)
+    assert results["best_value"] == pytest.approx(best_val_loss[best], abs=1e-6)
+    assert best.split("_", 1)[1] == ",".join(f"{k}={v}" for k, v in results["best_params"].items())
