@@ -161,7 +161,7 @@ def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list) -> None
     batch = {"windows": windows, "tokens": windows * cfg.data.block_size, "devices": trainer.num_devices,
              "num_nodes": trainer.num_nodes}
     log.info("Global batch: %d windows per device x %d accumulated x %d devices x %d nodes = %d windows of %d "
-             "characters, %d tokens per optimizer step", per_device, accumulate, trainer.num_devices,
+             "tokens, %d tokens per optimizer step", per_device, accumulate, trainer.num_devices,
              trainer.num_nodes, windows, cfg.data.block_size, batch["tokens"])
     for logger in loggers:  # hparams.yaml and the HParams tab
         logger.log_hyperparams({"global_batch": batch})
