@@ -148,8 +148,8 @@ class MiniGPTModule(L.LightningModule):
         name = settings.pop("name")
         groups = param_groups(self.model, settings.pop("weight_decay", 0.0))
         if name in ("adamw", "adam") and self.device.type in ("cpu", "cuda"):
-            # One kernel for the whole update instead of a dozen per tensor: on a 2-core CPU, 5x faster than
-            # PyTorch's CPU default (a loop over the tensors), 8 ms of the lesson's ~200 ms step.
+            # One kernel for the whole update instead of a dozen per tensor: on a 2-core CPU, 1.0 ms against 5.9 ms
+            # for PyTorch's CPU default (a loop over the tensors) in the lesson's ~200 ms step.
             settings.setdefault("fused", True)
         try:
             optimizer = OPTIMIZERS[name](groups, **settings)
