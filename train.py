@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from minigpt.callbacks.divergence import NonFiniteLossError
+from minigpt.callbacks.run_summary import global_batch
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.data import WindowsDataModule
 from minigpt.module import MiniGPTModule, find_checkpoint, load_checkpoint
@@ -156,13 +157,10 @@ def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file
 
 def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list) -> None:
     """Say how many windows and tokens one optimizer step learns from, over every device and node, and record it."""
-    per_device, accumulate = cfg.data.batch_size, trainer.accumulate_grad_batches
-    windows = per_device * accumulate * trainer.num_devices * trainer.num_nodes
-    batch = {"windows": windows, "tokens": windows * cfg.data.block_size, "devices": trainer.num_devices,
-             "num_nodes": trainer.num_nodes}
+    batch = global_batch(trainer, cfg.data.batch_size, cfg.data.block_size)
     log.info("Global batch: %d windows per device x %d accumulated x %d devices x %d nodes = %d windows of %d "
-             "tokens, %d tokens per optimizer step", per_device, accumulate, trainer.num_devices,
-             trainer.num_nodes, windows, cfg.data.block_size, batch["tokens"])
+             "tokens, %d tokens per optimizer step", cfg.data.batch_size, trainer.accumulate_grad_batches,
+             trainer.num_devices, trainer.num_nodes, batch["windows"], cfg.data.block_size, batch["tokens"])
     for logger in loggers:  # hparams.yaml and the HParams tab
         logger.log_hyperparams({"global_batch": batch})
 

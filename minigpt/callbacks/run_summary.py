@@ -17,6 +17,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from minigpt.report import best, loss_curve_title, read_scalars, write_loss_curve
 
 
+def global_batch(trainer: L.Trainer, batch_size: int, block_size: int) -> dict[str, int]:
+    """What one optimizer step learns from, over every device and node: windows and tokens."""
+    windows = batch_size * trainer.accumulate_grad_batches * trainer.num_devices * trainer.num_nodes
+    return {"windows": windows, "tokens": windows * block_size, "devices": trainer.num_devices,
+            "num_nodes": trainer.num_nodes}
+
+
 class RunSummary(Callback):
     def __init__(self, dirpath: str | None = None):
         """dirpath: where to write `loss_curve.png`; None = only the HParams entry."""
@@ -33,8 +40,6 @@ class RunSummary(Callback):
         value, _ = best(scalars.get("val/loss"))
         if not math.isnan(value):
             params = self.hyperparameters(trainer, pl_module)
-            if "global_batch" in logger.hparams:  # windows and tokens per optimizer step, logged by train.py
-                params["global_batch"] = logger.hparams["global_batch"]
             logger.log_hyperparams(params, {"val/loss_best": value}, step=trainer.global_step)
 
     @staticmethod
@@ -44,6 +49,9 @@ class RunSummary(Callback):
         datamodule = trainer.datamodule
         if datamodule is not None and "batch_size" in datamodule.hparams:
             params["data"] = {"batch_size": datamodule.hparams.batch_size}
+            if "block_size" in datamodule.hparams:
+                params["global_batch"] = global_batch(trainer, datamodule.hparams.batch_size,
+                                                      datamodule.hparams.block_size)
         params["trainer"] = {"max_steps": trainer.max_steps, "gradient_clip_val": trainer.gradient_clip_val,
                              "accumulate_grad_batches": trainer.accumulate_grad_batches}
         return params
