@@ -34,4 +34,8 @@ step speedrun_warm 70 python3 benchmarks/time_to_quality.py --device cuda --targ
 # 4. Alternatives to the speed run's batch and learning rate, warm-ish (same model; new shapes compile once).
 step speedrun_b256 60 python3 benchmarks/time_to_quality.py --device cuda --target 1.48 --timeout 55 \
   --results "$LOG/RESULTS.md" experiment=speedrun data.batch_size=256 optimizer.lr=3e-3 model.dropout=0.1 trainer.max_steps=500 trainer.val_check_interval=50
+# 5. The levers that won the CPU speed run (experiment=speedrun_cpu), not yet measured on a GPU: Muon for the block
+#    matrices (its Newton-Schulz iteration runs in bf16 there) and rotary positions.
+step speedrun_muon 70 python3 benchmarks/time_to_quality.py --device cuda --target 1.48 --timeout 65 \
+  --results "$LOG/RESULTS.md" experiment=speedrun optimizer=muon optimizer.lr=0.02 optimizer.adamw_lr=3e-3 model.rope=true
 echo "=== done ($(date +%T))"

@@ -1,7 +1,7 @@
 """Wall time from launching `python train.py ...` until its validation loss first reaches a target.
 
     python benchmarks/time_to_quality.py --target 1.88 experiment=nanogpt_cpu
-    python benchmarks/time_to_quality.py --target 1.88 experiment=cpu_fast
+    python benchmarks/time_to_quality.py --target 1.88 --seeds 1337,1,2 experiment=speedrun_cpu
 
 The clock starts before the process is launched, so imports, data loading and compilation count. The run is
 stopped once the target is reached. Results are appended to benchmarks/RESULTS.md.
@@ -58,24 +58,34 @@ def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=float, default=1.88)
-    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=1, help="runs of the same command (same seed: same losses on a CPU)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, one run each (replaces --reps): "
+                        "how far the loss at a given time varies with the initialisation and the batches")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--device", default="cpu", help="for the machine line of the report")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for train.py")
     args = parser.parse_args()
 
-    times, last_history = [], []
-    for rep in range(args.reps):
-        print(f"rep {rep}: python train.py {' '.join(args.overrides)}", flush=True)
-        reached, last_history = time_to_target(args.overrides, args.target, args.timeout)
+    runs = ([[*args.overrides, f"seed={seed}"] for seed in args.seeds.split(",")] if args.seeds
+            else [args.overrides] * args.reps)
+    times, last_history, stops = [], [], []
+    for rep, overrides in enumerate(runs):
+        print(f"rep {rep}: python train.py {' '.join(overrides)}", flush=True)
+        reached, last_history = time_to_target(overrides, args.target, args.timeout)
         times.append(reached)
+        step, loss = last_history[-1][1:] if last_history else (0, float("nan"))  # where the run was stopped
+        stops.append((overrides[-1] if args.seeds else f"run {rep}", reached, step, loss))
     reached_all = [t for t in times if t is not None]
     summary = (f"median {statistics.median(reached_all):.1f} s from launch to val/loss <= {args.target}"
                if len(reached_all) == len(times) else f"target {args.target} not reached in {len(times) - len(reached_all)} of {len(times)} runs")
     table = "\n".join(["| s from launch | step | val/loss |", "|---|---|---|"]
                       + [f"| {t:.1f} | {s} | {v:.4f} |" for t, s, v in last_history])
-    body = f"{summary} (runs: {', '.join('-' if t is None else f'{t:.1f} s' for t in times)}).\n\nLast run's validations:\n\n{table}"
+    runs_table = "\n".join(["| run | s from launch to the target | step | val/loss |", "|---|---|---|---|"]
+                           + [f"| {name} | {'not reached' if t is None else f'{t:.1f}'} | {s} | {v:.4f} |"
+                              for name, t, s, v in stops])
+    body = (f"{summary} (runs: {', '.join('-' if t is None else f'{t:.1f} s' for t in times)}).\n\n{runs_table}\n\n"
+            f"Last run's validations:\n\n{table}")
     append_results(args.results, f"Time to val/loss {args.target}: {' '.join(args.overrides)}",
                    "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:]), machine_summary(args.device), body)
     print(summary)

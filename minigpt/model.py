@@ -24,6 +24,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.rope else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(x)
@@ -50,16 +52,41 @@ class CausalSelfAttention(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        return q, k, v
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # queries, keys, values of every head
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # queries and keys are normalised and rotated together: half the ops
+        if self.qk_norm:  # unit RMS per head: the attention logits stay bounded however large the weights grow
+            qk = F.rms_norm(qk, (qk.size(-1),))
+        if self.rotary is not None:
+            qk = self.rotary(qk)
+        q, k = qk.unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs) each
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         B, nh, T, hs = y.size()
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # re-assemble the heads side by side: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al., "RoFormer", 2021): rotates each pair of query and key channels by an
+    angle proportional to the position, so that q . k depends on the positions only through their distance."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        if head_size % 2:
+            raise ValueError(f"rope needs an even head size (n_embd / n_head), got {head_size}")
+        frequencies = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)  # (block_size, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # rebuilt from the sizes, not checkpointed
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, ..., head_size), positions along dimension 1."""
+        T = x.size(1)
+        shape = (T,) + (1,) * (x.ndim - 3) + (-1,)
+        cos, sin = self.cos[:T].view(shape).to(x.dtype), self.sin[:T].view(shape).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)  # channel i is paired with channel i + hs/2
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class MLP(nn.Module):
@@ -103,6 +130,8 @@ class GPTConfig:
     n_embd: int = 64
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
+    rope: bool = False  # rotary position embeddings in attention instead of learned position embeddings
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -129,7 +158,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **({} if config.rope else {"wpe": nn.Embedding(config.block_size, config.n_embd)}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -147,7 +176,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:  # position embeddings are counted as in GPT-2's paper; token embeddings are not
+        if non_embedding and "wpe" in self.transformer:  # as in GPT-2's paper: token embeddings count, positions not
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -182,8 +211,9 @@ class GPT(nn.Module):
                 f"Cannot forward a sequence of length {T}: the model's block_size is {self.config.block_size}. "
                 "Crop the input to the last block_size tokens (generate() does this)."
             )
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcast
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:  # else positions enter through the rotary embedding of queries and keys
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))  # + (T, C) broadcast
         return self.transformer.drop(x)
 
     @torch.no_grad()

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from minigpt import plots
 
@@ -42,6 +41,10 @@ def read_scalars(events_dir: str | Path) -> tuple[dict[str, Series], float]:
             f"No TensorBoard events in {events_dir}. Reports are read from the events of the TensorBoard logger "
             "(logger=tensorboard, the default); runs made with logger=csv or logger=none have none."
         )
+    # imported here: TensorBoard's reader pulls in its TensorFlow stub (and boto3 where installed), 0.4 s that
+    # train.py would otherwise pay at every launch before training starts
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})  # 0 = keep every point
     events.Reload()
     scalars = {}

@@ -5,15 +5,17 @@ import math
 import pytest
 import torch
 
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, Rotary
 
 TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
-@pytest.fixture
-def model():
+@pytest.fixture(params=[{}, {"rope": True}, {"qk_norm": True}, {"rope": True, "qk_norm": True}],
+                ids=["learned-positions", "rope", "qk-norm", "rope-qk-norm"])
+def model(request):
+    """Every test of this file that takes `model` holds for each attention variant."""
     torch.manual_seed(0)
-    return GPT(GPTConfig(**TINY)).eval()
+    return GPT(GPTConfig(**TINY, **request.param)).eval()
 
 
 def test_output_shapes(model):
@@ -89,3 +91,25 @@ def test_attention_path_gives_the_fused_output_and_causal_weights(model):
     assert torch.allclose(maps.sum(-1), torch.ones(2, 3, 2, 16), atol=1e-5)  # each query's weights sum to 1
     assert torch.all(maps.triu(diagonal=1) == 0)  # no position attends to a later one
     assert torch.allclose(maps[..., 0, 0], torch.ones(2, 3, 2))  # the first character can only look at itself
+
+
+def test_rotary_scores_depend_only_on_the_distance_between_positions():
+    torch.manual_seed(0)
+    rotary = Rotary(head_size=8, block_size=32)
+    q, k = torch.randn(8), torch.randn(8)
+    # the same query and key vector at every position: (B=1, T=32, heads=1, hs=8)
+    rq, rk = rotary(q.expand(1, 32, 1, 8)), rotary(k.expand(1, 32, 1, 8))
+    score = lambda m, n: (rq[0, m, 0] * rk[0, n, 0]).sum()  # noqa: E731
+    for m, n in [(5, 2), (9, 9), (20, 3)]:
+        for shift in (1, 7, 11):
+            torch.testing.assert_close(score(m, n), score(m + shift, n + shift))
+    assert not torch.allclose(score(5, 2), score(5, 3))  # a different distance, a different score
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(1, 32, 1))  # a rotation keeps lengths
+
+
+def test_rope_replaces_the_learned_position_embeddings():
+    model = GPT(GPTConfig(**TINY, rope=True))
+    assert "wpe" not in model.transformer
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="even head size"):
+        GPT(GPTConfig(**{**TINY, "n_embd": 30, "n_head": 2}, rope=True))

@@ -81,6 +81,20 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
         train.make_trainer(cfg, [], [])
 
 
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_every_experiment_trains_a_few_steps_on_the_cpu(experiment, text_file, tmp_path):
+    """Each recipe as configured (its model's layers and widths, optimizer, schedule, callbacks), on the CPU, with
+    short windows and batches and without compilation so that it takes seconds."""
+    cfg = compose_train([f"experiment={experiment}", "trainer=cpu", f"data.path={text_file}", "compile=false",
+                         "model.block_size=32", "data.batch_size=2", "data.val_batches=1", "trainer.max_steps=3",
+                         "trainer.val_check_interval=3", "scheduler.warmup_steps=1", "logger=none",
+                         "~callbacks.progress_bar"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    metrics = train.train(cfg)
+    assert metrics["step"] == 3 and math.isfinite(metrics["val/loss"])
+
+
 def test_sample_config_composes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="sample", overrides=["ckpt_path=x.ckpt"])
