@@ -74,6 +74,28 @@ def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path
 
 
 @pytest.mark.slow
+def test_a_killed_muon_run_resumes_bit_for_bit(text_file, tmp_path):
+    """Muon's momentum buffers and its AdamW part's moments and step counts travel through the checkpoint."""
+    args = RESUMABLE + [f"data.path={text_file}", "optimizer=muon", "model.rope=true", "logger=none"]
+    uninterrupted = run_train(args, tmp_path / "a")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    expected = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    killed = run_train(args + ["+callbacks.kill._target_=tests.crash.SigkillAt", "+callbacks.kill.step=13"],
+                       tmp_path / "b")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_train(args + [f"ckpt_path={tmp_path / 'b'}"], tmp_path / "b_resume_log")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == 24
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    states, expected_states = got["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"]
+    assert {k for s in expected_states.values() for k in s} == {"momentum_buffer", "step", "exp_avg", "exp_avg_sq"}
+    for index, state in expected_states.items():
+        assert all(torch.equal(state[k], states[index][k]) for k in state), index
+
+
+@pytest.mark.slow
 def test_a_run_killed_while_saving_keeps_its_last_checkpoint(trained_run, tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
     shutil.copytree(trained_run[0] / "checkpoints", last.parent)
