@@ -73,8 +73,6 @@ class Rotary(nn.Module):
 
     def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
         super().__init__()
-        if head_size % 2:
-            raise ValueError(f"rope needs an even head size (n_embd / n_head), got {head_size}")
         frequencies = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
         angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)  # (block_size, hs/2)
         self.register_buffer("cos", angles.cos(), persistent=False)  # rebuilt from the sizes, not checkpointed
@@ -142,6 +140,12 @@ class GPTConfig:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): each head gets "
                 f"n_embd / n_head channels. Pick n_head among {_divisors(self.n_embd)} or change n_embd."
+            )
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"rope rotates pairs of channels, so each head needs an even number of them: n_embd / n_head = "
+                f"{self.n_embd // self.n_head}. Pick n_head among "
+                f"{[d for d in _divisors(self.n_embd) if (self.n_embd // d) % 2 == 0]} or set rope=false."
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

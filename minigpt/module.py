@@ -31,11 +31,16 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def split_linear_weights(model: nn.Module, within: nn.Module | None = None) -> tuple[list, list]:
+    """The weights of the linear layers in `within` (all of `model` by default), and every other parameter."""
+    weights = [m.weight for m in (within or model).modules() if isinstance(m, nn.Linear)]
+    ids = {id(p) for p in weights}
+    return weights, [p for p in model.parameters() if id(p) not in ids]
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Optimizer groups that decay only the weights of linear layers: biases, norms and embeddings are left alone."""
-    decay = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    decay_ids = {id(p) for p in decay}
-    no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
+    decay, no_decay = split_linear_weights(model)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
@@ -43,9 +48,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def muon_param_groups(model: GPT, adamw_lr: float) -> list[dict[str, Any]]:
     """Muon for the weight matrices inside the transformer blocks; AdamW for the embeddings, the output head, norms
     and biases, which Muon's authors leave to AdamW (an embedding row or the head is not a map to orthogonalise)."""
-    matrices = [m.weight for m in model.transformer.h.modules() if isinstance(m, nn.Linear)]
-    ids = {id(p) for p in matrices}
-    others = [p for p in model.parameters() if id(p) not in ids]
+    matrices, others = split_linear_weights(model, within=model.transformer.h)
     return [{"params": matrices, "use_muon": True, "name": "muon"},
             {"params": others, "use_muon": False, "lr": adamw_lr, "weight_decay": 0.0, "name": "adamw"}]
 
