@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
+import time
+
+LAUNCHED = time.perf_counter()  # before the imports below, which take seconds: part of the start-up a run reports
+
+import importlib.util  # noqa: E402
 import json
 import logging
 import os
@@ -27,8 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.callbacks.run_summary import global_batch
+from minigpt.callbacks.startup import StartupTimes
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.data import WindowsDataModule
+from minigpt.model import check_compile, compile_model
 from minigpt.module import MiniGPTModule, find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     With `cfg.ckpt_path`, the run resumes from that checkpoint (or a run folder's last.ckpt) and, when the
     checkpoint lies in a run folder, continues in that folder: `cfg.run_dir` is pointed at it.
     """
+    startup = StartupTimes(take_launch_time(), compiled=cfg.compile is not False)
+    startup.mark("imports")  # and composing the config
+    check_compile(cfg.compile)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
     datamodule: WindowsDataModule = hydra.utils.instantiate(cfg.data)
@@ -88,8 +97,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     if checkpoint is not None:
         check_resumable(checkpoint, module, ckpt_file)
-    if cfg.compile:
-        module.model.compile(mode=cfg.compile_mode)  # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
+    # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
+    compile_model(module.model, cfg.compile, cfg.compile_mode)  # compiles lazily, in the first step
+    startup.mark("data and model")
 
     # An entry set to null (as experiments do to drop one) is skipped.
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -99,7 +109,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer = make_trainer(cfg, callbacks, loggers)
+    trainer = make_trainer(cfg, callbacks + [startup], loggers)
     log_global_batch(cfg, trainer, loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None,
                 weights_only=True)
@@ -111,6 +121,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Finished at step %d: val/loss %.4f, best val/loss %.4f", trainer.global_step,
              metrics.get("val/loss", float("nan")), metrics["val/loss_best"])
     return metrics
+
+
+def take_launch_time() -> float:
+    """When train.py started, for the first run of this process; now, for the next ones (a multirun's next job)."""
+    global LAUNCHED
+    launched, LAUNCHED = (LAUNCHED if LAUNCHED is not None else time.perf_counter()), None
+    return launched
 
 
 def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:

@@ -11,6 +11,7 @@ medians over repetitions and ratios against the plain loop, and is appended to b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import train  # noqa: E402  (registers the config resolvers)
 from benchmarks.lesson import LessonGPT, lesson_step  # noqa: E402
 from benchmarks.report import append_results, machine_summary  # noqa: E402
 from minigpt.data import RandomWindows, TextDataModule  # noqa: E402
-from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.model import GPT, GPTConfig, compile_model  # noqa: E402
 from minigpt.module import MiniGPTModule, param_groups, warmup_cosine  # noqa: E402
 
 
@@ -78,8 +79,7 @@ def run_lightning(args, datamodule: TextDataModule) -> float:
             vocab=datamodule.tokenizer.vocab, model=OmegaConf.to_container(cfg.model),
             optimizer=OmegaConf.to_container(cfg.optimizer), scheduler=OmegaConf.to_container(cfg.scheduler),
         )
-        if cfg.compile:
-            module.model.compile(mode=cfg.compile_mode)
+        compile_model(module.model, cfg.compile, cfg.compile_mode)
         clock = StepClock(args.warmup)
         callbacks = [clock] + [train.hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
         loggers = [train.hydra.utils.instantiate(c) for c in cfg.logger.values()]
@@ -88,14 +88,26 @@ def run_lightning(args, datamodule: TextDataModule) -> float:
         return clock.end - clock.start
 
 
-def run_plain(args, datamodule: TextDataModule) -> float:
+def time_steps(step, args, device: torch.device, profiler=None) -> float:
+    """Seconds for `args.steps` calls of `step` after `args.warmup` untimed ones (inside `profiler`, if given)."""
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    with profiler or contextlib.nullcontext():
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+        return time.perf_counter() - start
+
+
+def run_plain(args, datamodule: TextDataModule, profiler=None) -> float:
     """The same model, batches, optimizer, schedule, clipping and precision, in a four-step loop."""
     device = torch.device(args.device)
     cfg = compose_cfg(args, tempfile.gettempdir())
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(vocab_size=datamodule.tokenizer.vocab_size, **cfg.model)).to(device)
-    if args.compile:
-        model.compile(mode=args.compile_mode)
+    compile_model(model, cfg.compile, cfg.compile_mode)
     opt = dict(OmegaConf.to_container(cfg.optimizer))
     opt.pop("name")
     optimizer = torch.optim.AdamW(param_groups(model, opt.pop("weight_decay", 0.0)), **opt,
@@ -106,10 +118,8 @@ def run_plain(args, datamodule: TextDataModule) -> float:
     tokens = datamodule.train_tokens.to(device)
     batches = iter(RandomWindows(tokens, cfg.model.block_size, args.batch_size, cfg.seed))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            sync(device)
-            start = time.perf_counter()
+
+    def step() -> None:
         x, y = next(batches)
         with autocast:
             _, loss = model(x, y)
@@ -118,11 +128,11 @@ def run_plain(args, datamodule: TextDataModule) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-    sync(device)
-    return time.perf_counter() - start
+
+    return time_steps(step, args, device, profiler)
 
 
-def run_lesson(args, datamodule: TextDataModule) -> float:
+def run_lesson(args, datamodule: TextDataModule, profiler=None) -> float:
     device = torch.device(args.device)
     cfg = compose_cfg(args, tempfile.gettempdir())
     torch.manual_seed(cfg.seed)
@@ -130,16 +140,44 @@ def run_lesson(args, datamodule: TextDataModule) -> float:
                       cfg.model.block_size).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
     data = datamodule.train_tokens.long()  # the lesson keeps the text as int64 on the host
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            sync(device)
-            start = time.perf_counter()
-        lesson_step(model, optimizer, data, args.batch_size, cfg.model.block_size, device)
-    sync(device)
-    return time.perf_counter() - start
+    return time_steps(partial(lesson_step, model, optimizer, data, args.batch_size, cfg.model.block_size, device),
+                      args, device, profiler)
+
+
+# Where a step's time goes, by operator (self time, so nothing counts twice): name fragments -> category.
+CATEGORIES = [
+    ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("fused attention kernel", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("softmax and causal mask", ("aten::_softmax", "masked_fill", "aten::tril", "aten::triu", "aten::eq")),
+    ("GELU", ("aten::gelu",)),
+    ("LayerNorm", ("layer_norm",)),
+    ("copies, fills, cat, stack", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::stack",
+                                   "aten::clone", "aten::index", "aten::slice")),
+]
+
+
+def categorize(name: str) -> str:
+    return next((category for category, fragments in CATEGORIES if any(f in name for f in fragments)),
+                "other operators (elementwise, optimizer, embedding, loss)")
+
+
+def profile_variant(name: str, args, datamodule: TextDataModule) -> dict[str, float]:
+    """Milliseconds per step by category of operator, from PyTorch's profiler over `args.steps` steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    profiler = torch.profiler.profile(activities=activities)
+    seconds = VARIANTS[name](args, datamodule, profiler)
+    per_step: dict[str, float] = {}
+    for event in profiler.key_averages():
+        self_us = event.self_device_time_total if args.device == "cuda" else event.self_cpu_time_total
+        category = categorize(event.key)
+        per_step[category] = per_step.get(category, 0.0) + self_us / 1000 / args.steps
+    per_step["step (wall, under the profiler)"] = 1000 * seconds / args.steps
+    return per_step
 
 
 VARIANTS = {"plain": run_plain, "lightning": run_lightning, "lesson": run_lesson}
+PROFILED = ("plain", "lesson")  # a Lightning step runs the plain loop's operators
 
 
 def main() -> None:
@@ -150,10 +188,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per variant and repetition")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="module.compile() for our model (not the lesson's)")
+    parser.add_argument("--compile", nargs="?", const="true", default="false", choices=["false", "true", "regional"],
+                        help="compile our model (not the lesson's): the whole model, or with `regional` each block")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--variants", default="plain,lightning,lesson")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for our runs")
+    parser.add_argument("--profile", action="store_true", help="then, where the plain and lesson steps spend "
+                        "their time, by kind of operator (PyTorch's profiler)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
 
@@ -175,12 +216,24 @@ def main() -> None:
     for name in variants:
         rows.append(f"| {name} | {speed[name]:,.0f} | {1000 * tokens_per_step / speed[name]:.1f} | "
                     f"{speed[name] / speed[base]:.3f} |")
-    title = (f"Throughput: model={args.model}, batch {args.batch_size} x {cfg.model.block_size}, "
-             f"{f'compiled ({args.compile_mode}), ' if args.compile else ''}{'bf16-mixed' if args.device == 'cuda' else 'fp32'}")
-    append_results(args.results, title, " ".join(sys.argv), machine_summary(args.device),
-                   "\n".join(rows) + f"\n\n{args.reps} repetitions of {args.steps} timed steps after {args.warmup} "
-                   "warm-up steps, variants alternating; ratios of medians.")
-    print("\n".join(rows))
+    compiled = {"false": "", "true": f"compiled ({args.compile_mode}), ",
+                "regional": f"compiled ({args.compile_mode}, each block), "}[args.compile]
+    title = (f"Throughput: model={args.model}, batch {args.batch_size} x {cfg.model.block_size}, {compiled}"
+             f"{'bf16-mixed' if args.device == 'cuda' else 'fp32'}")
+    body = "\n".join(rows) + (f"\n\n{args.reps} repetitions of {args.steps} timed steps after {args.warmup} "
+                              "warm-up steps, variants alternating; ratios of medians.")
+    profiled = [v for v in PROFILED if v in variants] if args.profile else []
+    if profiled:
+        profiles = {v: profile_variant(v, args, datamodule) for v in profiled}
+        categories = [c for c, _ in CATEGORIES] + [categorize("")]
+        table = ["| ms per step | " + " | ".join(profiled) + " |", "|---" * (len(profiled) + 1) + "|"]
+        table += [f"| {c} | " + " | ".join(f"{profiles[v].get(c, 0.0):.1f}" for v in profiled) + " |"
+                  for c in categories + ["step (wall, under the profiler)"]]
+        body += ("\n\nWhere the time goes: PyTorch's profiler over one more run of each; operators' self "
+                 + ("GPU time" if args.device == "cuda" else "CPU time (wall time on the calling thread)")
+                 + " by kind, per step.\n\n" + "\n".join(table))
+    append_results(args.results, title, " ".join(sys.argv), machine_summary(args.device), body)
+    print(body)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import append_results, machine_summary  # noqa: E402
 
 VALIDATION = re.compile(r"step (\d+): .*val/loss ([0-9.]+|nan)")
+STARTUP = re.compile(r"Start-up: (.*)")  # the run's own account of its start-up (minigpt/callbacks/startup.py)
 
 
-def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple[float | None, list[tuple[float, int, float]]]:
-    """Seconds until val/loss <= target (None if never) and the (seconds, step, val/loss) of each validation."""
+def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple[float | None, list[tuple[float, int, float]], str]:
+    """Seconds until val/loss <= target (None if never), the (seconds, step, val/loss) of each validation and the
+    run's start-up line (imports, data and model, trainer set-up, first step)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "train.py", *overrides, "hydra.run.dir=outputs/benchmarks/${now:%Y-%m-%d_%H-%M-%S}"],
@@ -35,11 +37,15 @@ def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple
     history: list[tuple[float, int, float]] = []
     reached = None
     tail: list[str] = []
+    startup = "not reported"
     try:
         for line in process.stdout:
             tail = (tail + [line])[-15:]
             if time.perf_counter() - start > timeout:
                 break
+            if match := STARTUP.search(line):
+                startup = match[1].strip()
+                print(f"  {startup}", flush=True)
             if match := VALIDATION.search(line):
                 elapsed, step, loss = time.perf_counter() - start, int(match[1]), float(match[2])
                 history.append((elapsed, step, loss))
@@ -52,7 +58,7 @@ def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple
         process.wait()
     if reached is None:
         print("target not reached; the run's last lines:\n" + "".join(tail), flush=True)
-    return reached, history
+    return reached, history, startup
 
 
 def main() -> None:
@@ -72,7 +78,7 @@ def main() -> None:
     times, last_history, stops = [], [], []
     for rep, overrides in enumerate(runs):
         print(f"rep {rep}: python train.py {' '.join(overrides)}", flush=True)
-        reached, last_history = time_to_target(overrides, args.target, args.timeout)
+        reached, last_history, startup = time_to_target(overrides, args.target, args.timeout)
         times.append(reached)
         step, loss = last_history[-1][1:] if last_history else (0, float("nan"))  # where the run was stopped
         stops.append((overrides[-1] if args.seeds else f"run {rep}", reached, step, loss))
@@ -85,7 +91,7 @@ def main() -> None:
                            + [f"| {name} | {'not reached' if t is None else f'{t:.1f}'} | {s} | {v:.4f} |"
                               for name, t, s, v in stops])
     body = (f"{summary} (runs: {', '.join('-' if t is None else f'{t:.1f} s' for t in times)}).\n\n{runs_table}\n\n"
-            f"Last run's validations:\n\n{table}")
+            f"Last run's start-up, as its log gives it: {startup}.\n\nLast run's validations:\n\n{table}")
     append_results(args.results, f"Time to val/loss {args.target}: {' '.join(args.overrides)}",
                    "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:]), machine_summary(args.device), body)
     print(summary)

@@ -44,11 +44,17 @@ def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, 
 
 
 def add_model_graph(writer: SummaryWriter, model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> None:
-    """The model's forward graph in TensorBoard's Graphs tab (traced once by `torch.jit.trace`)."""
+    """The model's forward graph in TensorBoard's Graphs tab (traced once by `torch.jit.trace`).
+
+    The tracer refuses compiled modules, so it traces a never-compiled copy of the model: same names and weights.
+    """
+    plain = GPT(model.config).to(next(model.parameters()).device)
+    plain.load_state_dict(model.state_dict())
+    model = plain.train(model.training)
     with warnings.catch_warnings():
         # the tracer's deprecation notice and its remarks on Python-level shape checks say nothing about the model
         warnings.simplefilter("ignore")
         try:
             writer.add_graph(model, (idx, targets))
-        except Exception as err:  # the tracer fails in many ways (e.g. on a torch.compile'd model); the run goes on
+        except Exception as err:  # the tracer fails in many ways; the run goes on without this picture
             log.warning("Could not trace the model for TensorBoard's Graphs tab (%s: %s)", type(err).__name__, err)

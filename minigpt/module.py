@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, eager
 from minigpt.optim import Muon
 from minigpt.tokenizer import tokenizer_from_hparams
 
@@ -113,9 +113,10 @@ class MiniGPTModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        # .forward() bypasses module.compile(): a few validation batches run as fast eagerly, and need no
-        # second compilation for eval mode and the last, shorter batch.
-        logits, loss = self.model.forward(x, y)
+        # Eagerly, even when compiled (whole: .forward() bypasses module.compile(); regional: eager()): a few
+        # validation batches run as fast so, and need no second compilation for eval mode and the last, shorter batch.
+        with eager():
+            logits, loss = self.model.forward(x, y)
         self.val_ppl.update(logits.float(), y)  # under bf16 autocast the logits are bf16: too coarse for a softmax
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # mean over the fixed validation windows
         self.log("val/ppl", self.val_ppl)

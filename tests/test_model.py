@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from minigpt.model import GPT, GPTConfig, Rotary
+from minigpt.model import GPT, GPTConfig, Rotary, compile_model, eager
 
 TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -113,3 +115,38 @@ def test_rope_replaces_the_learned_position_embeddings():
     assert model.num_params() == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="even number of them.*Pick n_head among"):
         GPT(GPTConfig(**{**TINY, "n_embd": 30, "n_head": 2}, rope=True))
+
+
+def test_compile_refuses_an_unknown_choice():
+    with pytest.raises(ValueError, match=r"compile='full' is not one of the choices: false, true .* or regional"):
+        compile_model(GPT(GPTConfig(**TINY)), "full")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="eager() needs PyTorch 2.6's set_stance")
+def test_regional_compilation_compiles_one_block_graph_and_changes_no_numbers():
+    """Every block runs the graph traced for the first; names (so checkpoints) and results are the eager model's;
+    under eager() other shapes, eval mode and generation add no graphs."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(**{**TINY, "n_layer": 3}))
+    compiled = copy.deepcopy(reference)
+    compile_model(compiled, "regional")
+    assert list(compiled.state_dict()) == list(reference.state_dict())
+    idx = torch.randint(11, (4, 16))
+    graphs = counters["stats"]["unique_graphs"]
+    losses = []
+    for model in (reference, compiled):
+        _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        losses.append(loss)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one block traced, three blocks run it
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(reference.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    compiled.eval()
+    with eager(), torch.no_grad():
+        compiled(idx[:3, :7].contiguous())
+        compiled.generate(idx[:1, :2], max_new_tokens=3)
+    assert counters["stats"]["unique_graphs"] - graphs == 1

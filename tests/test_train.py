@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import math
+import re
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch._dynamo.utils import counters
 
 import train
 from minigpt.data import WindowsDataModule
@@ -93,6 +96,44 @@ def test_every_experiment_trains_a_few_steps_on_the_cpu(experiment, text_file, t
         cfg.run_dir = str(tmp_path)
     metrics = train.train(cfg)
     assert metrics["step"] == 3 and math.isfinite(metrics["val/loss"])
+
+
+def start_up_line(caplog) -> str:
+    return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Start-up:"))
+
+
+def test_a_run_says_where_its_start_up_went(cfg_tiny, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # Lightning logs to its own handler
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.max_steps = 2
+    with caplog.at_level(logging.INFO):
+        train.train(cfg_tiny)
+    line = start_up_line(caplog)
+    total = float(re.search(r"done ([0-9.]+) s after launch", line)[1])
+    phases = dict((name, float(s)) for name, s in re.findall(r"(imports|data and model|trainer set-up|first step) ([0-9.]+) s", line))
+    assert list(phases) == ["imports", "data and model", "trainer set-up", "first step"], line
+    assert sum(phases.values()) == pytest.approx(total, abs=0.25), line  # the phases are the whole start-up
+    assert "compilation" not in line
+
+
+@pytest.mark.slow
+def test_regional_compilation_trains_with_every_callback_and_compiles_once(cfg_tiny, caplog, monkeypatch):
+    """Validation, samples, attention maps and both graphs run the compiled model eagerly: one graph in all."""
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    with open_dict(cfg_tiny):
+        cfg_tiny.compile = "regional"
+        cfg_tiny.trainer.max_steps = 10
+        cfg_tiny.trainer.val_check_interval = 5
+    graphs = counters["stats"]["unique_graphs"]
+    with caplog.at_level(logging.INFO):
+        metrics = train.train(cfg_tiny)
+    assert metrics["step"] == 10 and math.isfinite(metrics["val/loss"])
+    if hasattr(torch.compiler, "set_stance"):  # what eager() needs (PyTorch 2.6); before, each use compiles its own
+        assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert "(compilation included)" in start_up_line(caplog)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # e.g. the TensorBoard graph
+    checkpoint = torch.load(f"{cfg_tiny.run_dir}/checkpoints/last.ckpt", weights_only=True)
+    assert not [k for k in checkpoint["state_dict"] if "_orig_mod" in k]  # loads into an uncompiled model
 
 
 def test_sample_config_composes():

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 
 from minigpt.callbacks.tensorboard import writers
 from minigpt.graph import add_model_graph, render_autograd_graph
+from minigpt.model import eager
 
 
 class ComputationGraph(Callback):
@@ -28,7 +29,8 @@ class ComputationGraph(Callback):
         T = min(self.length, pl_module.model.config.block_size)
         tokens = trainer.datamodule.val_tokens[: T + 1].long().to(pl_module.device)
         idx, targets = tokens[None, :-1], tokens[None, 1:]  # (1, T): one window and its next characters
-        if self.dirpath is not None:
-            render_autograd_graph(pl_module.model, idx, targets, self.dirpath / self.filename)
-        for writer in writers(trainer):
-            add_model_graph(writer, pl_module.model, idx, targets)
+        with eager():  # the graph of the model's own operations, not of a compiled one (and no compilation here)
+            if self.dirpath is not None:
+                render_autograd_graph(pl_module.model, idx, targets, self.dirpath / self.filename)
+            for writer in writers(trainer):
+                add_model_graph(writer, pl_module.model, idx, targets)

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from minigpt.callbacks.tensorboard import writers
+from minigpt.model import eager
 
 
 def as_markdown(text: str) -> str:
@@ -48,6 +49,8 @@ class TextSamples(Callback):
         device = pl_module.device
         idx = pl_module.tokenizer.encode(self.prompt).long().to(device)[None]  # (1, T)
         generator = torch.Generator(device).manual_seed(self.seed)
-        # Lightning puts the model in eval mode (no dropout) until after on_validation_end
-        out = pl_module.model.generate(idx, self.max_new_tokens, temperature=self.temperature, generator=generator)
+        # Lightning puts the model in eval mode (no dropout) until after on_validation_end. A compiled model runs
+        # eagerly here: each new length would otherwise compile a graph of its own.
+        with eager():
+            out = pl_module.model.generate(idx, self.max_new_tokens, temperature=self.temperature, generator=generator)
         return pl_module.tokenizer.decode(out[0])
