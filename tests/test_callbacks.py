@@ -9,15 +9,17 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
+from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import train
 from minigpt import plots
 from minigpt.callbacks.gradient_health import GradientHealth, layer_of, measure
 from minigpt.callbacks.samples import as_markdown
 from minigpt.graph import render_autograd_graph
 from minigpt.model import GPT, GPTConfig
-from tests.conftest import assert_is_a_picture, decode_png
+from tests.conftest import TINY, assert_is_a_picture, compose_train, decode_png
 
 LAYERS = ["embeddings", "h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp", "ln_f", "lm_head"]  # the tiny model's
 
@@ -179,3 +181,14 @@ def test_loss_curve_and_hparams_at_the_end_of_the_run(events, trained_run):
     assert start.hparams["model/n_layer"].number_value == 2
     assert start.hparams["data/batch_size"].number_value == 8
     assert "vocab" not in start.hparams
+
+
+def test_progress_bar_counts_optimizer_steps_not_epochs(text_file, tmp_path, capsys):
+    cfg = compose_train([o for o in TINY if o != "~callbacks.progress_bar"] + [
+        f"data.path={text_file}", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    train.train(cfg)
+    out = capsys.readouterr().out
+    assert "train: 100%" in out and " 4/4 " in out
+    assert "Epoch" not in out  # a run is one endless epoch: Lightning's epoch bar would say nothing useful

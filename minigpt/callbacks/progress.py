@@ -13,12 +13,16 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class StepProgressBar(TQDMProgressBar):
+    @property
+    def train_description(self) -> str:
+        return "train"
+
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
+        # Not TQDMProgressBar's, which would first show "Epoch 0" over the batches of an epoch
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
         bar.initial = bar.n = trainer.global_step  # a resumed run starts part-way; the rate counts new steps only
-        bar.set_description("train")
+        bar.refresh()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         step = trainer.global_step
