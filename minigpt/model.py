@@ -248,7 +248,6 @@ class GPT(nn.Module):
         return idx
 
 
-
 def compile_model(model: GPT, how: bool | str = True, mode: str = "default") -> None:
     """torch.compile `model` in place (Module.compile: parameter names, and so checkpoints, stay as they are).
 

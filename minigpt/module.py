@@ -113,8 +113,8 @@ class MiniGPTModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        # Eagerly, even when compiled (whole: .forward() bypasses module.compile(); regional: eager()): a few
-        # validation batches run as fast so, and need no second compilation for eval mode and the last, shorter batch.
+        # Eagerly, even when compiled (eager(); before PyTorch 2.6, .forward() still bypasses a whole-model compile):
+        # a few validation batches run as fast so, and need no second compilation for eval mode and a shorter batch.
         with eager():
             logits, loss = self.model.forward(x, y)
         self.val_ppl.update(logits.float(), y)  # under bf16 autocast the logits are bf16: too coarse for a softmax
