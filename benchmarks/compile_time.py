@@ -5,7 +5,7 @@
 
 Each choice is launched cold (a new, empty compile cache: TORCHINDUCTOR_CACHE_DIR) and then warm (the same cache
 again), and stopped after its first optimizer step; the run's own Start-up log line gives the phases (imports,
-data and model, trainer set-up, first step). Steady-state step times are throughput.py's (`--compile regional`).
+data and model, trainer set-up with the configured callbacks' start, first step). Steady-state step times are throughput.py's (`--compile regional`).
 Results are appended to benchmarks/RESULTS.md.
 """
 
@@ -33,7 +33,7 @@ def start_up(overrides: list[str], cache_dir: str, timeout: float) -> dict[str, 
     with tempfile.TemporaryDirectory() as run_dir:
         out = subprocess.run(
             [sys.executable, "train.py", *overrides, "trainer.max_steps=1", "trainer.val_check_interval=1",
-             "data.val_batches=1", "trainer.num_sanity_val_steps=0", "callbacks=none", "logger=none",
+             "data.val_batches=1", "trainer.num_sanity_val_steps=0", "logger=none",
              f"hydra.run.dir={run_dir}"],
             cwd=ROOT, capture_output=True, text=True, timeout=timeout,
             env=dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=cache_dir),
