@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 from pathlib import Path
@@ -188,6 +189,12 @@ class MiniGPTModule(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> MiniGPTModule:
         """Rebuild the module from a checkpoint alone, without unpickling arbitrary objects."""
         checkpoint = load_checkpoint(path, map_location)
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(checkpoint.get("hyper_parameters") or {}) - known)
+        if unknown:
+            raise ValueError(f"{path} was written by another version of minigpt: its hyper-parameters {unknown} are "
+                             f"not among this version's ({sorted(known)}). Sample from it with the version that "
+                             "trained it, or train a new model.")
         try:
             hparams = dict(checkpoint["hyper_parameters"])
             module = cls(**hparams)

@@ -91,6 +91,15 @@ def test_missing_and_damaged_checkpoints_name_the_file(tmp_path, trained_run):
         MiniGPTModule.from_checkpoint(damaged)
 
 
+def test_a_checkpoint_of_another_version_names_the_settings_this_one_does_not_know(tmp_path, trained_run):
+    checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["grad_norm_every"] = 50  # a setting an earlier version kept in the module
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    with pytest.raises(ValueError, match=r"older.ckpt was written by another version.*\['grad_norm_every'\]"):
+        MiniGPTModule.from_checkpoint(older)
+
+
 def test_fused_adamw_with_bf16_and_gradient_clipping_trains(cfg_tiny):
     """trainer=gpu uses fused AdamW under bf16-mixed with clipping, which Lightning alone refuses; CPU has both."""
     import train
