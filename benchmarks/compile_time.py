@@ -3,7 +3,7 @@
     python benchmarks/compile_time.py                                    # the lesson's model on the CPU
     python benchmarks/compile_time.py --device cuda experiment=speedrun  # the GPU speed run's model
 
-Each choice is launched cold (a new, empty compile cache: TORCHINDUCTOR_CACHE_DIR) and then warm (the same cache
+Each choice is launched cold (a new, empty compile cache: TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) and then warm (the same cache
 again), and stopped after its first optimizer step; the run's own Start-up log line gives the phases (imports,
 data and model, trainer set-up with the configured callbacks' start, first step). Steady-state step times are throughput.py's (`--compile regional`).
 Results are appended to benchmarks/RESULTS.md.
@@ -36,7 +36,8 @@ def start_up(overrides: list[str], cache_dir: str, timeout: float) -> dict[str, 
              "data.val_batches=1", "trainer.num_sanity_val_steps=0", "logger=none",
              f"hydra.run.dir={run_dir}"],
             cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=cache_dir),
+            env=dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=cache_dir,
+                     TRITON_CACHE_DIR=os.path.join(cache_dir, "triton")),  # a GPU's kernels: cold means cold
         )
     log = out.stdout + out.stderr
     total = TOTAL.search(log)

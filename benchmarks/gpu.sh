@@ -29,7 +29,8 @@ step lesson_seed_graphs 50 python3 benchmarks/throughput.py --device cuda --mode
 #    its start-up (imports, data and model, trainer set-up, first step with compilation), which RESULTS.md gets.
 speedrun() {  # speedrun NAME LIMIT CACHE OVERRIDES...
   local name=$1 limit=$2 cache=$3; shift 3
-  step "$name" "$limit" env TORCHINDUCTOR_CACHE_DIR="/tmp/inductor_$cache" python3 benchmarks/time_to_quality.py \
+  step "$name" "$limit" env TORCHINDUCTOR_CACHE_DIR="/tmp/inductor_$cache" TRITON_CACHE_DIR="/tmp/inductor_$cache/triton" \
+    python3 benchmarks/time_to_quality.py \
     --device cuda --target 1.48 --timeout $((limit - 5)) --results "$LOG/RESULTS.md" experiment=speedrun "$@"
 }
 speedrun speedrun_full_cold 110 full
