@@ -3,17 +3,16 @@
     python benchmarks/compile_time.py                                    # the lesson's model on the CPU
     python benchmarks/compile_time.py --device cuda experiment=speedrun  # the GPU speed run's model
 
-Each choice is launched cold (a new, empty compile cache: TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) and then warm (the same cache
-again), and stopped after its first optimizer step; the run's own Start-up log line gives the phases (imports,
-data and model, trainer set-up with the configured callbacks' start, first step). Steady-state step times are throughput.py's (`--compile regional`).
-Results are appended to benchmarks/RESULTS.md.
+Each choice is launched cold (a new, empty compile cache: TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) and then
+warm (the same cache again), and stopped after its first optimizer step; the run's own Start-up log line gives the
+phases (imports, data and model, trainer set-up with the configured callbacks' start, first step). Steady-state
+step times are throughput.py's (`--compile regional`). Results are appended to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -23,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import append_results, machine_summary  # noqa: E402
-
-PHASE = re.compile(r"(imports|data and model|trainer set-up|first step) ([0-9.]+) s")
-TOTAL = re.compile(r"Start-up: first optimizer step done ([0-9.]+) s after launch")
+from minigpt.callbacks.startup import parse_startup  # noqa: E402
 
 
 def start_up(overrides: list[str], cache_dir: str, timeout: float) -> dict[str, float]:
@@ -40,10 +37,10 @@ def start_up(overrides: list[str], cache_dir: str, timeout: float) -> dict[str, 
                      TRITON_CACHE_DIR=os.path.join(cache_dir, "triton")),  # a GPU's kernels: cold means cold
         )
     log = out.stdout + out.stderr
-    total = TOTAL.search(log)
-    if out.returncode != 0 or total is None:
+    phases = parse_startup(log)
+    if out.returncode != 0 or phases is None:
         raise SystemExit(f"python train.py {' '.join(overrides)} failed (exit {out.returncode}):\n{log[-3000:]}")
-    return {**{name: float(s) for name, s in PHASE.findall(log[total.start():])}, "total": float(total[1])}
+    return phases
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import append_results, machine_summary  # noqa: E402
+from minigpt.callbacks.startup import PREFIX as STARTUP  # noqa: E402  (the run's own account of its start-up)
 
 VALIDATION = re.compile(r"step (\d+): .*val/loss ([0-9.]+|nan)")
-STARTUP = re.compile(r"Start-up: (.*)")  # the run's own account of its start-up (minigpt/callbacks/startup.py)
 
 
 def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple[float | None, list[tuple[float, int, float]], str]:
@@ -43,8 +43,8 @@ def time_to_target(overrides: list[str], target: float, timeout: float) -> tuple
             tail = (tail + [line])[-15:]
             if time.perf_counter() - start > timeout:
                 break
-            if match := STARTUP.search(line):
-                startup = match[1].strip()
+            if STARTUP in line:
+                startup = line[line.index(STARTUP):].strip()
                 print(f"  {startup}", flush=True)
             if match := VALIDATION.search(line):
                 elapsed, step, loss = time.perf_counter() - start, int(match[1]), float(match[2])
@@ -91,7 +91,7 @@ def main() -> None:
                            + [f"| {name} | {'not reached' if t is None else f'{t:.1f}'} | {s} | {v:.4f} |"
                               for name, t, s, v in stops])
     body = (f"{summary} (runs: {', '.join('-' if t is None else f'{t:.1f} s' for t in times)}).\n\n{runs_table}\n\n"
-            f"Last run's start-up, as its log gives it: {startup}.\n\nLast run's validations:\n\n{table}")
+            f"Last run's own account of its start-up: {startup}\n\nLast run's validations:\n\n{table}")
     append_results(args.results, f"Time to val/loss {args.target}: {' '.join(args.overrides)}",
                    "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:]), machine_summary(args.device), body)
     print(summary)

@@ -46,15 +46,14 @@ def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, 
 def add_model_graph(writer: SummaryWriter, model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> None:
     """The model's forward graph in TensorBoard's Graphs tab (traced once by `torch.jit.trace`).
 
-    The tracer refuses compiled modules, so it traces a never-compiled copy of the model: same names and weights.
+    The tracer refuses compiled modules, so it traces a never-compiled model of the same configuration on the CPU:
+    same names and shapes (the graph does not depend on the weights), and no second copy on the GPU.
     """
-    plain = GPT(model.config).to(next(model.parameters()).device)
-    plain.load_state_dict(model.state_dict())
-    model = plain.train(model.training)
+    plain = GPT(model.config).train(model.training)
     with warnings.catch_warnings():
         # the tracer's deprecation notice and its remarks on Python-level shape checks say nothing about the model
         warnings.simplefilter("ignore")
         try:
-            writer.add_graph(model, (idx, targets))
+            writer.add_graph(plain, (idx.cpu(), targets.cpu()))
         except Exception as err:  # the tracer fails in many ways; the run goes on without this picture
             log.warning("Could not trace the model for TensorBoard's Graphs tab (%s: %s)", type(err).__name__, err)

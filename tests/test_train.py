@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch._dynamo.utils import counters
 
 import train
+from minigpt.callbacks.startup import PREFIX as STARTUP, parse_startup
 from minigpt.data import WindowsDataModule
 from minigpt.module import warmup_cosine
 from tests.conftest import CONF, ROOT, compose_train
@@ -99,7 +99,7 @@ def test_every_experiment_trains_a_few_steps_on_the_cpu(experiment, text_file, t
 
 
 def start_up_line(caplog) -> str:
-    return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Start-up:"))
+    return next(r.getMessage() for r in caplog.records if r.getMessage().startswith(STARTUP))
 
 
 def test_a_run_says_where_its_start_up_went(cfg_tiny, caplog, monkeypatch):
@@ -109,8 +109,8 @@ def test_a_run_says_where_its_start_up_went(cfg_tiny, caplog, monkeypatch):
     with caplog.at_level(logging.INFO):
         train.train(cfg_tiny)
     line = start_up_line(caplog)
-    total = float(re.search(r"done ([0-9.]+) s after launch", line)[1])
-    phases = dict((name, float(s)) for name, s in re.findall(r"(imports|data and model|trainer set-up|first step) ([0-9.]+) s", line))
+    phases = parse_startup(line)
+    total = phases.pop("total")
     assert list(phases) == ["imports", "data and model", "trainer set-up", "first step"], line
     assert sum(phases.values()) == pytest.approx(total, abs=0.25), line  # the phases are the whole start-up
     assert "compilation" not in line

@@ -7,11 +7,12 @@
 optimizer, the data loaders, the sanity validation and the callbacks' own start (e.g. drawing the graph).
 
 On a GPU the first step is timed to its end (one synchronisation, once). Short runs and speed runs spend much of
-their wall time here; benchmarks/time_to_quality.py copies the line into its report.
+their wall time here; the benchmarks read the line back with `parse_startup`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import lightning as L
@@ -45,9 +46,20 @@ class StartupTimes(Callback):
         rank_zero_info(self.summary())
 
     def summary(self) -> str:
-        times = [now - then for (_, then), (_, now) in zip(self.marks, self.marks[1:])]
-        parts = ", ".join(f"{phase} {seconds:.1f} s" for (phase, _), seconds in zip(self.marks[1:], times))
-        if self.compiled and self.marks[-1][0] == "first step":
-            parts += " (compilation included)"
+        parts = ", ".join(f"{phase} {now - then:.1f} s" for (_, then), (phase, now) in zip(self.marks, self.marks[1:]))
         total = self.marks[-1][1] - self.marks[0][1]
-        return f"Start-up: first optimizer step done {total:.1f} s after launch: {parts}"
+        return f"{PREFIX} {total:.1f} s after launch: {parts}{' (compilation included)' if self.compiled else ''}"
+
+
+PREFIX = "Start-up: first optimizer step done"
+_TOTAL = re.compile(re.escape(PREFIX) + r" ([0-9.]+) s after launch: (.*)")
+_PHASE = re.compile(r"([a-z][a-z -]*?) ([0-9.]+) s")
+
+
+def parse_startup(text: str) -> dict[str, float] | None:
+    """The seconds of each phase, and `total`, from the first Start-up line in `text` (a log); None if there is none."""
+    match = _TOTAL.search(text)
+    if match is None:
+        return None
+    phases = {name: float(seconds) for name, seconds in _PHASE.findall(match[2].split(" (")[0])}
+    return {**phases, "total": float(match[1])}
