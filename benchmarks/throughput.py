@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import pstats
 import statistics
 import sys
 import tempfile
@@ -176,6 +178,43 @@ def profile_variant(name: str, args, datamodule: TextDataModule) -> dict[str, fl
     return per_step
 
 
+# Where a step's host time goes (cProfile self time, by the file of the function): path fragment -> category.
+HOST_CATEGORIES = [
+    ("compiled code's runtime (Dynamo guards, Inductor, CUDA graphs)", ("torch/_dynamo", "torch/_inductor",
+                                                                        "torch/_functorch", "cudagraph")),
+    ("Lightning (loops, hooks, logging, precision)", ("lightning/", "torchmetrics/")),
+    ("minigpt (model, module, callbacks, data)", ("/minigpt/",)),
+    ("PyTorch's Python (optimizer, clipping, autograd, modules)", ("torch/",)),
+]
+
+
+def host_category(filename: str) -> str:
+    if filename == "~":  # cProfile's name for built-ins: operators, kernel launches, Python's own
+        return "C++ calls (operators, kernel launches, built-ins)"
+    return next((category for category, fragments in HOST_CATEGORIES if any(f in filename for f in fragments)),
+                "other Python")
+
+
+def host_profile_variant(name: str, args, datamodule: TextDataModule) -> dict[str, float]:
+    """Milliseconds of host time per step by where it is spent, from cProfile over one run of the variant.
+
+    On a GPU the step is asynchronous: this is the Python and launch time that has to stay below the kernels'
+    time, or it is the step's time. The counts include cProfile's own overhead, which inflates Python-heavy code.
+    """
+    profiler = cProfile.Profile()
+    profiler.enable()
+    seconds = VARIANTS[name](args, datamodule)  # the whole run: set-up and warm-up steps are in it too
+    profiler.disable()
+    # Only functions called on every step count, so the set-up's one-off calls stay out.
+    per_step: dict[str, float] = {}
+    for (filename, _, _), (_, ncalls, self_s, _, _) in pstats.Stats(profiler).stats.items():
+        if ncalls >= args.steps:
+            category = host_category(filename)
+            per_step[category] = per_step.get(category, 0.0) + 1000 * self_s / (args.warmup + args.steps)
+    per_step["step (wall of the timed steps, under cProfile)"] = 1000 * seconds / args.steps
+    return per_step
+
+
 VARIANTS = {"plain": run_plain, "lightning": run_lightning, "lesson": run_lesson}
 PROFILED = ("plain", "lesson")  # a Lightning step runs the plain loop's operators
 
@@ -195,6 +234,8 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for our runs")
     parser.add_argument("--profile", action="store_true", help="then, where the plain and lesson steps spend "
                         "their time, by kind of operator (PyTorch's profiler)")
+    parser.add_argument("--host-profile", action="store_true", help="then, where the plain and Lightning steps "
+                        "spend their host time: Lightning, the compiled code's runtime, PyTorch's Python... (cProfile)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
 
@@ -232,6 +273,17 @@ def main() -> None:
         body += ("\n\nWhere the time goes: PyTorch's profiler over one more run of each; operators' self "
                  + ("GPU time" if args.device == "cuda" else "CPU time (wall time on the calling thread)")
                  + " by kind, per step.\n\n" + "\n".join(table))
+    host_profiled = [v for v in ("plain", "lightning") if v in variants] if args.host_profile else []
+    if host_profiled:
+        profiles = {v: host_profile_variant(v, args, datamodule) for v in host_profiled}
+        categories = [c for c, _ in HOST_CATEGORIES] + ["other Python", host_category("~"),
+                                                        "step (wall of the timed steps, under cProfile)"]
+        table = ["| host ms per step | " + " | ".join(host_profiled) + " |", "|---" * (len(host_profiled) + 1) + "|"]
+        table += [f"| {c} | " + " | ".join(f"{profiles[v].get(c, 0.0):.2f}" for v in host_profiled) + " |"
+                  for c in categories]
+        body += ("\n\nWhere the host's time goes: cProfile over one more run of each; self time of the functions "
+                 "called on every step, by where they live, per step (cProfile's own cost inflates the Python "
+                 "rows).\n\n" + "\n".join(table))
     append_results(args.results, title, " ".join(sys.argv), machine_summary(args.device), body)
     print(body)
 
