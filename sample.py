@@ -7,25 +7,59 @@ import torch
 from omegaconf import DictConfig
 
 from minigpt.module import MiniGPTModule, find_checkpoint
+from minigpt.tokenizer import unescape
 
 
 def sample(cfg: DictConfig) -> list[str]:
     """`cfg.num_samples` continuations of `cfg.prompt`, each starting with the prompt."""
-    if cfg.max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {cfg.max_new_tokens}")
-    if not cfg.prompt:
-        raise ValueError('prompt must not be empty: give at least one character, e.g. prompt="\\n"')
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in ("max_new_tokens", "num_samples") + (("top_k",) if cfg.top_k is not None else ()):
+        if not is_whole(cfg[name]) or cfg[name] <= 0:
+            raise ValueError(f"{name} must be a positive whole number, got {cfg[name]!r}"
+                             + (" (or null: sample among all tokens)" if name == "top_k" else ""))
+    if isinstance(cfg.temperature, bool) or not isinstance(cfg.temperature, (int, float)) or cfg.temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {cfg.temperature!r} (use a small value, "
+                         "e.g. 0.1, for near-greedy sampling)")
+    if not is_whole(cfg.seed):
+        raise ValueError(f"seed must be a whole number, got {cfg.seed!r}")
+    if cfg.prompt is not None and not isinstance(cfg.prompt, str):
+        raise ValueError(f"prompt must be text, but the command line gave the {type(cfg.prompt).__name__} "
+                         f"{cfg.prompt!r}: quote it, e.g. 'prompt=\"{cfg.prompt}\"'")
+    prompt_text = unescape(cfg.prompt or "")
+    if not prompt_text:
+        raise ValueError("prompt must not be empty: give at least one character, e.g. 'prompt=\\n' (a newline)")
+    device = pick_device(cfg.device)
     module = MiniGPTModule.from_checkpoint(find_checkpoint(cfg.ckpt_path, prefer="best"), map_location=device)
     model, tokenizer = module.model.eval(), module.tokenizer
     try:
-        prompt = tokenizer.encode(cfg.prompt).long().to(device)
+        prompt = tokenizer.encode(prompt_text).long().to(device)
     except ValueError as err:
-        raise ValueError(f"The prompt {cfg.prompt!r} cannot be encoded: {err}") from None
+        raise ValueError(f"The prompt {prompt_text!r} cannot be encoded: {err}") from None
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = prompt[None].repeat(cfg.num_samples, 1)  # (num_samples, T)
     out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
     return [tokenizer.decode(row) for row in out]
+
+
+def is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device `name` (cpu, cuda, cuda:1, mps), checked to be here; None: a GPU when there is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r} is not a device PyTorch knows: give cpu, cuda, cuda:<index> or mps, or null "
+                         "for a GPU when there is one") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise ValueError(f"device={name} is not available here (PyTorch sees no {device.type.upper()} device): give "
+                         "device=cpu, or null for the best device there is")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

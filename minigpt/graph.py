@@ -27,6 +27,7 @@ def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, 
     Where `dot` is missing, writes `path` with the suffix `.dot` instead and says in the log how to render it.
     """
     path = Path(path)
+    check_graph_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.enable_grad():
         _, loss = model(idx, targets)
@@ -41,6 +42,15 @@ def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, 
                     "Install Graphviz (apt-get install graphviz, brew install graphviz or conda install graphviz) "
                     "and render it with: dot -T%s %s -o %s", source, path.suffix.lstrip(".") or "svg", source, path)
         return source
+
+
+def check_graph_file(path: str | Path, setting: str = "path") -> None:
+    """The file's suffix is the picture's format: it has to be one Graphviz draws. `setting` names it in the error."""
+    suffix = Path(path).suffix.lstrip(".")
+    if suffix not in graphviz.FORMATS:
+        raise ValueError(f"{setting}={path}: the suffix picks the picture's format, and "
+                         f"{'there is none' if not suffix else repr(suffix) + ' is not one Graphviz draws'}; "
+                         "end the name in .svg, .png or .pdf")
 
 
 def add_model_graph(writer: SummaryWriter, model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> None:

@@ -21,8 +21,9 @@ from minigpt import plots
 from minigpt.callbacks.attention_maps import attention_figures
 from minigpt.callbacks.gradient_health import measure
 from minigpt.data import TextDataModule
-from minigpt.graph import render_autograd_graph
+from minigpt.graph import check_graph_file, render_autograd_graph
 from minigpt.module import MiniGPTModule, find_checkpoint
+from minigpt.tokenizer import unescape
 
 INSPECTIONS = ("grads", "attention", "graph")
 
@@ -31,6 +32,8 @@ def inspect(cfg: DictConfig) -> list[Path]:
     """Run the inspection `cfg.what` on `cfg.ckpt_path`; returns the files written."""
     if cfg.what not in INSPECTIONS:
         raise ValueError(f"what={cfg.what} is not one of {', '.join(INSPECTIONS)}")
+    if cfg.what == "graph":
+        check_graph_file(cfg.graph_file, "graph_file")
     path = find_checkpoint(cfg.ckpt_path, prefer="best")
     module = MiniGPTModule.from_checkpoint(path)
     model = module.model.eval()  # no dropout: the numbers are those of the model itself
@@ -59,8 +62,8 @@ def validation_data(cfg: DictConfig, module: MiniGPTModule) -> TextDataModule:
     datamodule.setup("validate")
     if datamodule.tokenizer.hparams() != module.tokenizer.hparams():
         raise ValueError("The data's tokenizer (its characters, or its BPE) is not the checkpoint's: give the text the "
-                         "model was trained on (data.path=..., and data=text data.tokenizer=... if it was trained so), "
-                         "or pass text=... to look at your own text.")
+                         "model was trained on (data.path=..., and data=text data.tokenizer=... if it was trained so)"
+                         + (", or pass text=... to look at your own text." if cfg.what != "grads" else "."))
     return datamodule
 
 
@@ -73,13 +76,16 @@ def text_ids(cfg: DictConfig, module: MiniGPTModule) -> torch.Tensor:
     """Token ids (T,) of `cfg.text`, or of the validation split's first `cfg.length` tokens; T <= block_size."""
     block_size = module.model.config.block_size
     if cfg.text:
+        text = unescape(str(cfg.text))  # \n and \t as a newline and a tab, as in sample.py
         try:
-            ids = module.tokenizer.encode(cfg.text)[:block_size].long()
+            ids = module.tokenizer.encode(text)[:block_size].long()
         except ValueError as err:
-            raise ValueError(f"The text {cfg.text!r} cannot be encoded: {err}") from None
+            raise ValueError(f"The text {text!r} cannot be encoded: {err}") from None
         if len(ids) < 2:
             raise ValueError("text must have at least 2 tokens (the graph needs a next token to predict)")
         return ids
+    if not isinstance(cfg.length, int) or cfg.length < 2:
+        raise ValueError(f"length must be a whole number of at least 2 tokens, got {cfg.length!r}")
     return validation_data(cfg, module).val_tokens[: min(cfg.length, block_size)].long()
 
 
@@ -90,7 +96,7 @@ def gradient_table(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     loss.backward()
     names = [name for name, _ in model.named_parameters()]
     width = max(map(len, names))
-    lines = [f"loss {loss.item():.4f} on a batch of {x.size(0)} windows of {x.size(1)} characters", "",
+    lines = [f"loss {loss.item():.4f} on a batch of {x.size(0)} windows of {x.size(1)} tokens", "",
              f"{'parameter':<{width}}  {'shape':<14} {'mean |grad|':>12} {'std':>12}"]
     for name, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)

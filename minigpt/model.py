@@ -235,6 +235,8 @@ class GPT(nn.Module):
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature} (use a small value for near-greedy)")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be positive (the number of most likely tokens to sample among), got {top_k}")
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]  # the model has only block_size positions
             logits, _ = self(idx_cond)

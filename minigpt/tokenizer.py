@@ -20,6 +20,12 @@ BYTES = 256  # a byte-level BPE starts from every byte value, so any text encode
 SAFE_SPLIT = re.compile(r"(?<=\S\n)(?=\S)")
 
 
+def unescape(text: str) -> str:
+    r"""Text given on the command line, with `\n` and `\t` read as a newline and a tab: Hydra passes them on as a
+    backslash and a letter, and a real newline is awkward to type. `python sample.py 'prompt=\n'` starts a line."""
+    return re.sub(r"\\[nt]", lambda escape: "\n" if escape[0] == "\\n" else "\t", text)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned integer type that holds ids 0 .. vocab_size - 1: the token file's bytes per token."""
     for dtype in (np.uint8, np.uint16, np.uint32):

@@ -192,3 +192,17 @@ def test_progress_bar_counts_optimizer_steps_not_epochs(text_file, tmp_path, cap
     out = capsys.readouterr().out
     assert "train: 100%" in out and " 4/4 " in out
     assert "Epoch" not in out  # a run is one endless epoch: Lightning's epoch bar would say nothing useful
+
+
+def test_a_graph_file_without_a_format_is_refused_before_training():
+    from minigpt.callbacks.graph import ComputationGraph
+
+    with pytest.raises(ValueError, match=r"callbacks.computation_graph.filename=graph: .* end the name in .svg"):
+        ComputationGraph(filename="graph")
+
+
+def test_sample_prompts_read_backslash_n_as_a_new_line():
+    from minigpt.callbacks.samples import TextSamples
+
+    samples = TextSamples(prompt="\\nROMEO:")  # as Hydra passes it on from callbacks.text_samples.prompt='\nROMEO:'
+    assert samples.prompt == "\nROMEO:" and samples.tag == "samples/ROMEO"

@@ -86,7 +86,13 @@ def test_bad_inputs_get_a_clear_message_and_lose_nothing(case, earlier_run, text
 
 @pytest.mark.parametrize("overrides, message", [
     (["prompt='ROMEO€#'"], "The prompt 'ROMEO€#' cannot be encoded: 2 character"),
-    (["max_new_tokens=0"], "max_new_tokens must be positive, got 0"),
+    (["max_new_tokens=0"], "max_new_tokens must be a positive whole number, got 0"),
+    (["top_k=0"], r"top_k must be a positive whole number, got 0 \(or null"),
+    (["num_samples=2.5"], "num_samples must be a positive whole number, got 2.5"),
+    (["temperature=hot"], "temperature must be a positive number, got 'hot'"),
+    (["prompt=123"], """prompt must be text, but the command line gave the int 123: quote it, e.g. 'prompt="123"'"""),
+    (["prompt="], r"prompt must not be empty: give at least one character, e.g. 'prompt=\\n'"),
+    (["device=gpu"], "device='gpu' is not a device PyTorch knows"),
     (["ckpt_path=/nonexistent/run"], "ckpt_path=/nonexistent/run does not exist"),
 ])
 def test_bad_sampling_inputs_get_a_clear_message(overrides, message, earlier_run):

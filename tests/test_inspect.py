@@ -35,7 +35,7 @@ def test_gradient_table_has_every_parameter(inspect_cfg, capsys, trained_run):
     for name, row in rows.items():
         mean_abs, std = float(row[-2]), float(row[-1])
         assert 0 < mean_abs < 10 and math.isfinite(std), (name, row)
-    assert table[0].startswith("loss ") and "8 windows of 16 characters" in table[0]
+    assert table[0].startswith("loss ") and "8 windows of 16 tokens" in table[0]
     assert_is_a_picture(decode_png(chart.read_bytes()))
 
 
@@ -56,6 +56,34 @@ def test_unknown_inspection_and_foreign_text_are_refused(inspect_cfg):
         inspect(inspect_cfg("what=weights"))
     with pytest.raises(ValueError, match="cannot be encoded"):
         inspect(inspect_cfg("what=attention", "text='ROMEO#'"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["what=attention", "length=0"], "length must be a whole number of at least 2 tokens, got 0"),
+    (["what=graph", "length=1"], "length must be a whole number of at least 2 tokens, got 1"),
+    (["what=graph", "graph_file=graph"], "graph_file=graph: the suffix picks the picture's format, and there is none"),
+    (["what=graph", "graph_file=g.xyz"], "'xyz' is not one Graphviz draws"),
+])
+def test_bad_settings_are_named(inspect_cfg, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        inspect(inspect_cfg(*overrides))
+    assert not any(tmp_path.iterdir())  # nothing drawn
+
+
+def test_a_text_of_backslash_n_looks_at_a_new_line(inspect_cfg):
+    written = inspect(inspect_cfg("what=attention", "text=\\nROMEO"))  # Hydra passes on a backslash and an n
+    assert len(written) == 2
+
+
+def test_the_data_hint_offers_text_only_where_text_is_used(trained_run, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 " * 50)
+    for what, offers_text in (("grads", False), ("attention", True)):
+        cfg = compose_inspect([f"ckpt_path={trained_run[0]}", f"data.path={other}", f"out_dir={tmp_path / 'out'}",
+                               f"what={what}"])
+        with pytest.raises(ValueError, match="not the checkpoint's") as err:
+            inspect(cfg)
+        assert ("text=" in str(err.value)) == offers_text
 
 
 @pytest.mark.slow

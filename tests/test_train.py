@@ -60,6 +60,26 @@ def test_sample_names_characters_outside_the_vocabulary(trained_run):
         sample.sample(cfg)
 
 
+def test_a_prompt_of_backslash_n_starts_from_a_new_line(trained_run):
+    import sample
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=[f"ckpt_path={trained_run[0]}", "prompt=\\n", "max_new_tokens=5"])
+    assert cfg.prompt == "\\n"  # as Hydra passes it on: a backslash and an n
+    (text,) = sample.sample(cfg)
+    assert text.startswith("\n") and len(text) == 6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_sampling_on_a_missing_gpu_says_so_instead_of_blaming_the_checkpoint(trained_run):
+    import sample
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=[f"ckpt_path={trained_run[0]}", "device=cuda"])
+    with pytest.raises(ValueError, match=r"device=cuda is not available here .*give device=cpu"):
+        sample.sample(cfg)
+
+
 def _config_cases():
     for group, options in GROUPS.items():
         for option in options:

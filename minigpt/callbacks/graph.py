@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from minigpt.callbacks.tensorboard import writers
-from minigpt.graph import add_model_graph, render_autograd_graph
+from minigpt.graph import add_model_graph, check_graph_file, render_autograd_graph
 from minigpt.model import eager
 
 
@@ -21,6 +21,7 @@ class ComputationGraph(Callback):
             length: characters in the one-sequence batch the graph is traced on (the graph's shape does not
                 depend on it, only the shape labels do).
         """
+        check_graph_file(filename, "callbacks.computation_graph.filename")  # before training, not after the first minutes of it
         self.dirpath, self.filename, self.length = (Path(dirpath) if dirpath else None), filename, length
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from minigpt.callbacks.tensorboard import writers
 from minigpt.model import eager
+from minigpt.tokenizer import unescape
 
 
 def as_markdown(text: str) -> str:
@@ -25,8 +26,9 @@ class TextSamples(Callback):
     def __init__(self, prompt: str = "ROMEO:", max_new_tokens: int = 200, temperature: float = 0.8, seed: int = 1337):
         if max_new_tokens <= 0 or temperature <= 0:
             raise ValueError(f"max_new_tokens and temperature must be positive, got {max_new_tokens}, {temperature}")
-        self.prompt, self.max_new_tokens, self.temperature, self.seed = prompt, max_new_tokens, temperature, seed
-        self.tag = "samples/" + (re.sub(r"[^A-Za-z0-9_]+", "_", prompt).strip("_") or "prompt")
+        self.prompt = unescape(prompt)  # \n and \t as a newline and a tab, as in sample.py
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self.tag = "samples/" + (re.sub(r"[^A-Za-z0-9_]+", "_", self.prompt).strip("_") or "prompt")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # at the start, not at the first validation: a corpus without the prompt's characters fails before training
