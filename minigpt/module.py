@@ -229,11 +229,28 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
         raise FileNotFoundError(f"ckpt_path={path} does not exist: give a .ckpt file or a run folder under outputs/.")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     last = folder / "last.ckpt"
-    # ModelCheckpoint keeps only the best (save_top_k=1) besides last.ckpt; the newest is the best if more were kept
     others = sorted((p for p in folder.glob("*.ckpt") if p.name != last.name), key=lambda p: p.stat().st_mtime)
-    newest_other = others[-1:]  # [] when the run kept no other checkpoint
-    candidates = (newest_other + [last]) if prefer == "best" else ([last] + newest_other)
+    best = others[-1:]  # [] when the run kept no other checkpoint; with save_top_k=1 (the default) the only one
+    if prefer == "best" and len(others) > 1:  # save_top_k > 1: the newest of the top k need not be the best
+        best = [recorded_best(folder, max([last] + others, key=lambda p: p.stat().st_mtime if p.is_file() else 0))
+                or others[-1]]
+    candidates = (best + [last]) if prefer == "best" else ([last] + best)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none (did it reach its first validation?).")
+
+
+def recorded_best(folder: Path, newest: Path) -> Path | None:
+    """The best checkpoint as the run's monitoring ModelCheckpoint recorded it in its `newest` checkpoint, if that
+    file is still in `folder` (looked up by name: the run folder may have moved since)."""
+    try:
+        states = load_checkpoint(newest).get("callbacks", {})  # mapped: the weights themselves are not read
+    except ValueError:
+        return None
+    for state in states.values():
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
+            best = folder / Path(state["best_model_path"]).name
+            if best.is_file():
+                return best
+    return None

@@ -113,3 +113,25 @@ def test_fused_adamw_with_bf16_and_gradient_clipping_trains(cfg_tiny):
         cfg_tiny.logger = None  # logger=none, with the default callbacks
     metrics = train.train(cfg_tiny)
     assert metrics["step"] == 4 and math.isfinite(metrics["val/loss"])
+
+
+def test_the_best_of_several_kept_checkpoints_is_the_one_the_run_recorded(tmp_path):
+    """With save_top_k > 1 the newest kept checkpoint need not be the best: the run's own record decides."""
+    import os
+
+    from minigpt.module import find_checkpoint
+
+    folder = tmp_path / "moved_run" / "checkpoints"
+    folder.mkdir(parents=True)
+    record = {"ModelCheckpoint{'monitor': 'val/loss'}": {"monitor": "val/loss",
+                                                         "best_model_path": "/old/place/checkpoints/step000100.ckpt"},
+              "StepCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": ""}}
+    for i, (name, content) in enumerate([("step000100.ckpt", {}), ("step000200.ckpt", {}),
+                                         ("last.ckpt", {"callbacks": record})]):
+        torch.save(content, folder / name)
+        os.utime(folder / name, (1000 + i, 1000 + i))  # written in this order
+    assert find_checkpoint(tmp_path / "moved_run", prefer="best") == folder / "step000100.ckpt"
+    assert find_checkpoint(tmp_path / "moved_run", prefer="last") == folder / "last.ckpt"
+    torch.save({}, folder / "last.ckpt")  # no record (e.g. another callback set-up): the newest kept one
+    os.utime(folder / "last.ckpt", (1002, 1002))
+    assert find_checkpoint(tmp_path / "moved_run", prefer="best") == folder / "step000200.ckpt"
