@@ -14,6 +14,8 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +112,11 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
             return
 
 
+# This process's open token files, by (path, device, inode). A process started by fork (loader workers) inherits
+# them; one started by spawn (DDP) opens the path again and checks it is still the same file.
+_OPEN_FILES: dict[tuple[str, int, int], int] = {}
+
+
 @dataclass(frozen=True)
 class TokenFile:
     """Tokens `start` to `stop` of a token file, indexed like a 1-D CPU tensor of int64: `len()`, a slice, or a
@@ -120,33 +127,71 @@ class TokenFile:
     grow to the whole file as random windows visit it; mapped per read, resident memory is back where it was
     after every batch, whatever the file's size (during a read it holds the pages of that batch's windows, whole
     large folios on recent kernels). The pages stay in the kernel's page cache, shared and evictable, so the
-    next reads find them there. Mapping and faulting the pages in anew costs 0.5-1 ms a batch on a 2-core CPU
-    (benchmarks/corpus.py: 4x the time of reading through one long-lived mapping).
-    Only the path and the span are held, so the object pickles small (for spawned processes).
+    next reads find them there. Mapping and faulting the pages in anew costs 0.4-0.6 ms a batch on a 2-core CPU
+    (benchmarks/corpus.py: 2.7x the time of reading through one long-lived mapping).
+    The file stays open from `TokenFile.open` on: when its source changes and another run rebuilds the token file
+    (a new file, renamed over the old one), this run goes on reading the one it started with.
+    Only the path, the file's identity and the span are held, so the object pickles small (for spawned processes).
     """
 
     path: Path
     dtype: np.dtype
     start: int
     stop: int
+    identity: tuple[int, int]  # the file's (device, inode): which file at `path` this is
 
     device = torch.device("cpu")  # where the training stream draws its random starts
+
+    @classmethod
+    def open(cls, path: Path, dtype: np.dtype, n_tokens: int) -> TokenFile:
+        """All the tokens of the file at `path`, which stays open in this process."""
+        fd = os.open(path, os.O_RDONLY)
+        stat = os.fstat(fd)
+        key = (str(path), stat.st_dev, stat.st_ino)
+        if key in _OPEN_FILES:  # the same file again (another data module, a test): one descriptor is enough
+            os.close(fd)
+        else:
+            _OPEN_FILES[key] = fd
+        return cls(path, np.dtype(dtype), 0, n_tokens, (stat.st_dev, stat.st_ino))
+
+    def _descriptor(self) -> int:
+        key = (str(self.path), *self.identity)
+        if key not in _OPEN_FILES:  # a spawned process: open the path, which must still be the same file
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as err:
+                raise RuntimeError(f"The token file {self.path} this run trains on is gone ({err.strerror}): "
+                                   "restart the run, which tokenizes its data again.") from None
+            stat = os.fstat(fd)
+            if (stat.st_dev, stat.st_ino) != self.identity:
+                os.close(fd)
+                raise RuntimeError(f"The token file {self.path} was rebuilt after this run started (its source "
+                                   "files changed): restart the run, which reads the new one.")
+            _OPEN_FILES[key] = fd
+        return _OPEN_FILES[key]
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
-        tokens = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.start * self.dtype.itemsize,
-                           shape=(len(self),))
-        picked = tokens[index] if isinstance(index, slice) else tokens[torch.as_tensor(index).numpy()]
-        return torch.from_numpy(picked.astype(np.int64))  # a copy: the mapping closes with `tokens`
+        itemsize = self.dtype.itemsize
+        first = self.start * itemsize
+        aligned = first - first % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+        with mmap.mmap(self._descriptor(), self.stop * itemsize - aligned, access=mmap.ACCESS_READ,
+                       offset=aligned) as mapped:
+            tokens = np.frombuffer(mapped, self.dtype, count=len(self), offset=first - aligned)
+            picked = tokens[index] if isinstance(index, slice) else tokens[torch.as_tensor(index).numpy()]
+            picked = picked.astype(np.int64)  # a copy: the mapping closes here
+            del tokens  # no view of the mapping may outlive it
+        return torch.from_numpy(picked)
 
     def split(self, sections: list[int]) -> tuple[TokenFile, ...]:
         """Consecutive spans of these lengths, as `Tensor.split(sections)` gives views."""
         if sum(sections) != len(self):
             raise ValueError(f"sections {sections} do not add up to the {len(self)} tokens")
         ends = np.cumsum([0, *sections]) + self.start
-        return tuple(TokenFile(self.path, self.dtype, int(a), int(b)) for a, b in zip(ends[:-1], ends[1:]))
+        return tuple(TokenFile(self.path, self.dtype, int(a), int(b), self.identity)
+                     for a, b in zip(ends[:-1], ends[1:]))
 
 
 @dataclass(frozen=True)
@@ -180,7 +225,7 @@ def load_corpus(folder: Path, expected_fingerprint: str | None = None) -> Corpus
         tokenizer = BPETokenizer((folder / "tokenizer.json").read_text(encoding="utf-8"))
     else:
         tokenizer = CharTokenizer(meta["vocab"])
-    return Corpus(TokenFile(tokens_file, dtype, 0, meta["n_tokens"]), tokenizer)
+    return Corpus(TokenFile.open(tokens_file, dtype, meta["n_tokens"]), tokenizer)
 
 
 def build_corpus(files: list[Path], folder: Path, tokenizer: str, vocab_size: int, bpe_train_bytes: int,
@@ -221,7 +266,7 @@ def build_corpus(files: list[Path], folder: Path, tokenizer: str, vocab_size: in
     with atomic_write(folder / "meta.json") as f:  # written last: a token file without it is never used
         f.write(json.dumps(meta, indent=1).encode())
     log.info("Wrote %d tokens (%s, %d bytes) to %s", n_tokens, dtype.name, n_tokens * dtype.itemsize, folder)
-    return Corpus(TokenFile(folder / "tokens.bin", dtype, 0, n_tokens), encoder)
+    return Corpus(TokenFile.open(folder / "tokens.bin", dtype, n_tokens), encoder)
 
 
 def tokenize_corpus(path: str, cache_dir: str | Path, glob: str = "**/*.txt", tokenizer: str = "char",

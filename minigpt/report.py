@@ -108,12 +108,25 @@ def read_job(folder: Path) -> Job:
     hydra_dir = folder / ".hydra"
     overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
     config = yaml.safe_load((hydra_dir / "config.yaml").read_text())  # read as YAML: no interpolation is resolved
-    trainer = config["trainer"]
-    devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) and trainer["devices"] > 0 else 1
-    tokens_per_step = (config["data"]["batch_size"] * config["model"]["block_size"]
-                       * trainer.get("accumulate_grad_batches", 1) * devices * trainer.get("num_nodes", 1))
+    tokens_per_step = recorded_tokens_per_step(folder / "tensorboard" / "hparams.yaml")
+    if tokens_per_step is None:  # a run from before the global batch was recorded: from the settings
+        trainer = config["trainer"]
+        devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) and trainer["devices"] > 0 else 1
+        tokens_per_step = (config["data"]["batch_size"] * config["model"]["block_size"]
+                           * trainer.get("accumulate_grad_batches", 1) * devices * trainer.get("num_nodes", 1))
     scalars, started = read_scalars(folder / "tensorboard")
     return Job(folder, [o for o in overrides if not o.startswith("hydra.")], scalars, started, tokens_per_step)
+
+
+def recorded_tokens_per_step(hparams_file: Path) -> int | None:
+    """The tokens of one optimizer step over every device, as the run recorded them when it started (devices=-1 or
+    auto become a number only then)."""
+    try:
+        recorded = yaml.safe_load(hparams_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    tokens = (recorded.get("global_batch") or {}).get("tokens")
+    return tokens if isinstance(tokens, int) and tokens > 0 else None
 
 
 def job_number(folder: Path) -> int:
@@ -160,6 +173,9 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
 
 def report(folder: str | Path) -> list[Path]:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give a run folder (outputs/<date>/<time>) or a multirun "
+                                "folder (outputs/multirun/<date>/<time>).")
     if (folder / "tensorboard").is_dir():
         scalars, _ = read_scalars(folder / "tensorboard")
         return [write_loss_curve(scalars, folder / "loss_curve.png", loss_curve_title(folder, scalars))]

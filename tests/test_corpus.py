@@ -89,6 +89,28 @@ def test_the_token_file_is_reused_until_a_file_changes(folder, tmp_path, monkeyp
             tokenize_corpus(str(folder), cache)
 
 
+def test_a_run_keeps_reading_its_token_file_when_another_rebuilds_it(folder, tmp_path, monkeypatch):
+    """The corpus edited while a run trains on it: the next run rebuilds the token file in place, and the running
+    one goes on reading the tokens it started with. A process the running one starts later opens the file by its
+    path: that one is told the file changed under it, instead of reading other tokens with the old vocabulary."""
+    import pickle
+
+    cache = tmp_path / "cache"
+    running = tokenize_corpus(str(folder), cache)
+    before = running.tokens[:]
+    train_part, _ = running.tokens.split([len(before) - 10, 10])
+    (folder / "a.txt").write_text("Q\n", encoding="utf-8")  # shorter, and a character the vocabulary lacked
+    rebuilt = tokenize_corpus(str(folder), cache)
+    assert rebuilt.tokens.path == running.tokens.path and len(rebuilt.tokens) < len(before)
+    assert torch.equal(running.tokens[:], before)
+    assert torch.equal(train_part[torch.tensor([0, 7, len(before) - 11])], before[[0, 7, len(before) - 11]])
+
+    sent = pickle.loads(pickle.dumps(train_part))  # as a spawned process gets it: no open file there yet
+    monkeypatch.setattr(corpus, "_OPEN_FILES", {})
+    with pytest.raises(RuntimeError, match="was rebuilt after this run started .* restart the run"):
+        sent[torch.tensor([0])]
+
+
 def test_bpe_is_trained_locally_and_round_trips(folder, tmp_path):
     got = tokenize_corpus(str(folder), tmp_path / "cache", tokenizer="bpe", vocab_size=300)
     assert isinstance(got.tokenizer, BPETokenizer) and got.tokens.dtype == np.uint16

@@ -68,3 +68,17 @@ def test_real_sweep_compares_its_jobs(multirun_dir):
         assert float(row["best val/loss"]) == pytest.approx(min(val.values), abs=1e-4)
         assert_is_a_picture(decode_png((job / "loss_curve.png").read_bytes()), min_width=600, min_height=300)
     assert_is_a_picture(decode_png((multirun_dir / "comparison.png").read_bytes()), min_width=600, min_height=300)
+
+
+def test_throughput_counts_the_devices_the_run_recorded(trained_run, cfg_tiny_global, tmp_path):
+    """trainer=ddp says devices=-1 (every GPU): only the run itself knew how many that was."""
+    from minigpt.report import read_job
+
+    fake_sweep(trained_run, cfg_tiny_global, tmp_path, [["trainer=ddp"]])
+    (job,) = tmp_path.iterdir()
+    hparams = job / "tensorboard" / "hparams.yaml"
+    recorded = yaml.safe_load(hparams.read_text())
+    one_device = recorded["global_batch"]["tokens"]
+    recorded["global_batch"] |= {"tokens": 4 * one_device, "devices": 4}  # as a run on 4 GPUs records it
+    hparams.write_text(yaml.safe_dump(recorded))
+    assert read_job(job).tokens_per_step == 4 * one_device
