@@ -92,9 +92,10 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
                     text = carry + decoder.decode(data, final=not data)
                 except UnicodeDecodeError as err:
                     raise ValueError(
-                        f"{file} is not UTF-8 text: byte {offset - pending + err.start} ({err.reason}). Convert it, "
-                        f"e.g. `iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8.txt`, or leave it out of "
-                        "data.path (data.glob chooses the files of a folder)."
+                        f"{file} is not UTF-8 text: byte {offset - pending + err.start} ({err.reason}). Convert it in "
+                        f"place, e.g. in its folder `iconv -f latin1 -t utf-8 {file.name} > {file.name}.utf8 && mv "
+                        f"{file.name}.utf8 {file.name}`, or leave it out of data.path (data.glob chooses the files "
+                        "of a folder)."
                     ) from None
                 offset += len(data)
                 read += len(data)
