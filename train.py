@@ -110,6 +110,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = make_trainer(cfg, callbacks + [startup], loggers)
+    if checkpoint is not None and checkpoint["global_step"] >= trainer.max_steps:  # before anything is written
+        raise ValueError(f"ckpt_path={ckpt_file} is at step {checkpoint['global_step']}, and trainer.max_steps="
+                         f"{trainer.max_steps}: there is nothing left to train. Give a larger trainer.max_steps to "
+                         "train on (the learning-rate schedule then spans the new length), or sample from it with "
+                         "sample.py.")
     log_global_batch(cfg, trainer, loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None,
                 weights_only=True)
@@ -137,8 +142,8 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
     ckpt_file = find_checkpoint(cfg.ckpt_path, prefer="last")
     checkpoint = load_checkpoint(ckpt_file)
     if "global_step" not in checkpoint:
-        raise ValueError(f"ckpt_path={ckpt_file} holds weights only, not a training state to resume from. "
-                         "Resume from a run's last.ckpt, or sample from this file with sample.py.")
+        raise ValueError(f"ckpt_path={ckpt_file} holds no training state to resume from (no global_step). Resume "
+                         "from a run's last.ckpt or its run folder.")
     if ckpt_file.parent.name == "checkpoints":  # <run folder>/checkpoints/<file>: checkpoints and events go on there
         cfg.run_dir = os.path.abspath(ckpt_file.parent.parent)
     log.info("Resuming from %s at step %d; writing to %s", ckpt_file, checkpoint["global_step"], cfg.run_dir)
@@ -167,6 +172,15 @@ def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file
         )
     differences = [f"model.{key}={saved['model'].get(key)} in the checkpoint, {value} here"
                    for key, value in module.hparams.model.items() if saved["model"].get(key) != value]
+    # The optimizer's state comes back as it was saved, settings included: a changed one would be ignored silently.
+    then, now = saved.get("optimizer") or {}, dict(module.hparams.optimizer)
+    changed = [f"optimizer.{key}={then.get(key)} in the checkpoint, {now.get(key)} here"
+               for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
+    if changed:
+        raise ValueError(f"ckpt_path={ckpt_file} was trained with other optimizer settings: {'; '.join(changed)}. "
+                         "A resumed run goes on with the optimizer's saved state, settings included: resume with "
+                         "the settings it was trained with (its .hydra/overrides.yaml has them), or start a new run "
+                         "without ckpt_path.")
     if differences:
         raise ValueError(f"ckpt_path={ckpt_file} is a different model: {'; '.join(differences)}. "
                          "Resume with the model settings it was trained with (e.g. the same model=...).")
@@ -188,15 +202,31 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if not (isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps > 0):
         raise ValueError(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
     every, accumulate = cfg.trainer.val_check_interval, cfg.trainer.get("accumulate_grad_batches", 1)
-    if isinstance(every, int) and every % accumulate:
+    if isinstance(every, int) and isinstance(accumulate, int) and accumulate > 0 and every % accumulate:
         raise ValueError(
             f"trainer.val_check_interval={every} batches is not a whole number of optimizer steps of "
             f"trainer.accumulate_grad_batches={accumulate} batches: the validation's checkpoint would fall part-way "
             f"through a step and could not be resumed exactly. Use a multiple of {accumulate}."
         )
     # Checkpoints are written atomically and read without unpickling code (see minigpt/checkpoint_io.py).
+    for key, unit in (("accumulate_grad_batches", "batches"), ("val_check_interval", "batches"),
+                      ("log_every_n_steps", "optimizer steps")):
+        value = cfg.trainer.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"trainer.{key} must be a positive whole number of {unit}, got {value!r}")
+    clip = cfg.trainer.get("gradient_clip_val")
+    if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0):
+        raise ValueError(f"trainer.gradient_clip_val must be a norm >= 0 (0 or null: no clipping), got {clip!r}: "
+                         "a negative one turns the gradients around")
+    if every > cfg.trainer.max_steps * accumulate:
+        log.warning("trainer.val_check_interval=%d batches is beyond trainer.max_steps=%d: this run will never "
+                    "validate, so it reports no val/loss and keeps no best checkpoint", every, cfg.trainer.max_steps)
+    # Lightning adds a checkpoint callback of its own unless told not to: a run whose config drops them
+    # (callbacks=none, the speed runs) writes none.
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    # Checkpoints are written atomically and read without unpickling code (see minigpt/checkpoint_io.py).
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                   plugins=[AtomicCheckpointIO()])
+                                   plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing)
 
 
 def check_gpus(trainer: DictConfig) -> None:
@@ -283,6 +313,10 @@ def main(cfg: DictConfig) -> float:
         logging.getLogger(name).propagate = True
         logging.getLogger(name).setLevel(logging.NOTSET)  # the root's level: INFO, or WARNING on ranks > 0
     try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN and cfg.ckpt_path:
+            raise ValueError(f"ckpt_path={cfg.ckpt_path} in a multirun: a resumed run goes on in its own folder, so "
+                             "every job would continue the same run and overwrite each other's checkpoints. Resume "
+                             "one run at a time: python train.py ckpt_path=<run folder>.")
         if HydraConfig.get().mode == RunMode.MULTIRUN and restarts_script(cfg):
             return run_job_in_new_process(HydraConfig.get())
         metrics = train(cfg)

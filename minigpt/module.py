@@ -84,6 +84,9 @@ class MiniGPTModule(L.LightningModule):
             raise ValueError(f"scheduler.name={scheduler['name']!r} is not one of {list(SCHEDULES)}")
         if scheduler["warmup_steps"] < 0:
             raise ValueError(f"scheduler.warmup_steps must be 0 or more, got {scheduler['warmup_steps']}")
+        if not 0.0 <= scheduler["min_lr_ratio"] <= 1.0:
+            raise ValueError(f"scheduler.min_lr_ratio is the final learning rate over the peak, between 0 and 1; got "
+                             f"{scheduler['min_lr_ratio']}")
         self.tokenizer = tokenizer_from_hparams(vocab, bpe)
         self.save_hyperparameters({**self.tokenizer.hparams(), "model": dict(model or {}), "optimizer": optimizer,
                                    "scheduler": scheduler})

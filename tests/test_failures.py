@@ -65,6 +65,14 @@ CASES = {  # name: (overrides, what the message must say)
     "ckpt_missing": (["ckpt_path=/nonexistent/run"], "ckpt_path=/nonexistent/run does not exist"),
     "model_size": (["model.n_layer=3"], "different model: model.n_layer=2 in the checkpoint, 3 here"),
     "gpu": (["trainer=gpu"], "asks for a GPU, but PyTorch sees none .* trainer=cpu"),
+    "optimizer": (["optimizer.lr=1e-2", "trainer.max_steps=60"],
+                  r"other optimizer settings: optimizer.lr=0.003 in the checkpoint, 0.01 here\. .*resume with the"),
+    "other_optimizer": (["optimizer=sgd", "trainer.max_steps=60"], r"optimizer.name=adamw in the checkpoint, sgd here"),
+    "finished": (["trainer.max_steps=40"], "is at step 40, and trainer.max_steps=40: there is nothing left to train"),
+    "accumulate": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be a positive whole"),
+    "val_every": (["trainer.val_check_interval=0"], "trainer.val_check_interval must be a positive whole number"),
+    "clip": (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val must be a norm >= 0"),
+    "min_lr_ratio": (["scheduler.min_lr_ratio=-1"], "scheduler.min_lr_ratio is the final learning rate over the peak"),
 }
 
 

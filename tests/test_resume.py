@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import sample
 import train
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.module import MiniGPTModule, load_checkpoint
-from tests.conftest import ROOT, TINY, compose_sample
+from tests.conftest import ROOT, TINY, compose_sample, compose_train
 
 # 24 steps of 2 accumulated batches, validated every 12 batches (6 steps), last.ckpt also every 4 steps in
 # between; dropout on, so the generator state matters as much as the sampler's
@@ -180,3 +181,40 @@ def test_checkpoints_hold_only_plain_types(trained_run):
     checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(checkpoint["rng_states"]) >= {"torch"}
     assert any(key.startswith("StepCheckpoint") for key in checkpoint["callbacks"])
+
+
+@pytest.mark.parametrize("overrides, last_step", [
+    (["trainer.max_steps=27"], 27),  # past the validation at 20, before any step checkpoint: saved at the end
+    (["trainer.max_steps=20", "~callbacks.model_checkpoint", "callbacks.step_checkpoint.every_n_train_steps=5"], 20),
+])
+def test_last_ckpt_holds_the_last_step_whatever_the_intervals(overrides, last_step, text_file, tmp_path):
+    cfg = compose_train(TINY + [f"data.path={text_file}", "~callbacks.computation_graph", "~callbacks.attention_maps",
+                                "~callbacks.text_samples", *overrides])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    train.train(cfg)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == last_step
+
+
+def test_a_run_without_checkpoint_callbacks_writes_no_checkpoint(text_file, tmp_path):
+    cfg = compose_train([o for o in TINY if not o.startswith(("~callbacks", "callbacks"))]
+                        + [f"data.path={text_file}", "callbacks=none", "trainer.max_steps=20"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    train.train(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))  # Lightning adds a checkpoint callback of its own unless told not to
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path):
+    """mkstemp makes owner-only files: a checkpoint or token file would be unreadable to the user's group."""
+    import os
+
+    from minigpt.atomic import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "file.bin") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "file.bin").stat().st_mode & 0o777 == 0o644

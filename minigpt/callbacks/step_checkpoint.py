@@ -5,6 +5,10 @@ from there skips that validation (Lightning counts it as done once the batch is)
 that the uninterrupted run has. This one leaves those batches to the checkpoint written after the validation,
 and saves only on a batch that completes an optimizer step: with gradient accumulation, a checkpoint taken
 part-way through a step would lose the gradients accumulated so far.
+
+It also writes `last.ckpt` after a validation when no other ModelCheckpoint does (`~callbacks.model_checkpoint`),
+and at the end of training when the last steps fell between saves (`trainer.max_steps` need not be a multiple of
+either interval), so a run's `last.ckpt` always holds its last step.
 """
 
 from __future__ import annotations
@@ -23,3 +27,16 @@ class StepCheckpoint(ModelCheckpoint):
                               and batches % trainer.val_check_batch == 0)
         if completes_a_step and not validation_follows:
             super().on_train_batch_end(trainer, pl_module, *args)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._save_last_if_behind(trainer)  # a no-op where model_checkpoint (listed before this) just saved
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt unless one of the run's checkpoint callbacks has saved at this very step."""
+        saved_at = max(getattr(callback, "_last_global_step_saved", -1) for callback in trainer.checkpoint_callbacks)
+        if self.save_last and trainer.global_step != saved_at:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
