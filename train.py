@@ -110,14 +110,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = make_trainer(cfg, callbacks + [startup], loggers)
+    if cfg.scheduler.get("warmup_steps", 0) >= trainer.max_steps:
+        log.warning("scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate never reaches "
+                    "its peak", cfg.scheduler.warmup_steps, trainer.max_steps)
     if checkpoint is not None and checkpoint["global_step"] >= trainer.max_steps:  # before anything is written
         raise ValueError(f"ckpt_path={ckpt_file} is at step {checkpoint['global_step']}, and trainer.max_steps="
                          f"{trainer.max_steps}: there is nothing left to train. Give a larger trainer.max_steps to "
                          "train on (the learning-rate schedule then spans the new length), or sample from it with "
                          "sample.py.")
     log_global_batch(cfg, trainer, loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None,
-                weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None,
+                    weights_only=True)
+    except SystemExit:  # Lightning's answer to Ctrl-C: it shuts down and exits; say where the run can go on from
+        if trainer.interrupted:
+            saved = max((c._last_global_step_saved for c in trainer.checkpoint_callbacks), default=0)
+            log.info("Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py "
+                     "ckpt_path=%s (and the same settings)", trainer.global_step, saved, cfg.run_dir)
+        raise
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     best = next((c.best_model_score for c in callbacks if isinstance(c, ModelCheckpoint) and c.best_model_score is not None), None)

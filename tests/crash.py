@@ -27,6 +27,17 @@ class SigkillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class InterruptAt(Callback):
+    """Ctrl-C when step `step` begins: Lightning catches the KeyboardInterrupt, shuts down and exits."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 class PoisonAt(Callback):
     """Make the loss NaN from step `step` on, as a diverging run would."""
 

@@ -218,3 +218,16 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "file.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_ctrl_c_says_how_to_resume(text_file, tmp_path, caplog):
+    cfg = compose_train(TINY + [f"data.path={text_file}", "~callbacks.computation_graph", "~callbacks.attention_maps",
+                                "~callbacks.text_samples", "callbacks.step_checkpoint.every_n_train_steps=10",
+                                "+callbacks.interrupt._target_=tests.crash.InterruptAt", "+callbacks.interrupt.step=25"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    with caplog.at_level("INFO", logger="train"), pytest.raises(SystemExit):
+        train.train(cfg)
+    assert f"Interrupted at step 25; the last checkpoint is from step 20. Resume with: python train.py ckpt_path={tmp_path}" \
+        in caplog.text
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 20
