@@ -211,19 +211,18 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         check_gpus(cfg.trainer)
     if not (isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps > 0):
         raise ValueError(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
-    every, accumulate = cfg.trainer.val_check_interval, cfg.trainer.get("accumulate_grad_batches", 1)
-    if isinstance(every, int) and isinstance(accumulate, int) and accumulate > 0 and every % accumulate:
-        raise ValueError(
-            f"trainer.val_check_interval={every} batches is not a whole number of optimizer steps of "
-            f"trainer.accumulate_grad_batches={accumulate} batches: the validation's checkpoint would fall part-way "
-            f"through a step and could not be resumed exactly. Use a multiple of {accumulate}."
-        )
-    # Checkpoints are written atomically and read without unpickling code (see minigpt/checkpoint_io.py).
     for key, unit in (("accumulate_grad_batches", "batches"), ("val_check_interval", "batches"),
                       ("log_every_n_steps", "optimizer steps")):
         value = cfg.trainer.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"trainer.{key} must be a positive whole number of {unit}, got {value!r}")
+    every, accumulate = cfg.trainer.val_check_interval, cfg.trainer.get("accumulate_grad_batches", 1)
+    if every % accumulate:
+        raise ValueError(
+            f"trainer.val_check_interval={every} batches is not a whole number of optimizer steps of "
+            f"trainer.accumulate_grad_batches={accumulate} batches: the validation's checkpoint would fall part-way "
+            f"through a step and could not be resumed exactly. Use a multiple of {accumulate}."
+        )
     clip = cfg.trainer.get("gradient_clip_val")
     if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0):
         raise ValueError(f"trainer.gradient_clip_val must be a norm >= 0 (0 or null: no clipping), got {clip!r}: "
