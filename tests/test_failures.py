@@ -72,6 +72,9 @@ CASES = {  # name: (overrides, what the message must say)
     "accumulate": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be a positive whole"),
     "val_every": (["trainer.val_check_interval=0"], "trainer.val_check_interval must be a positive whole number"),
     "clip": (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val must be a norm >= 0"),
+    "log_every": (["trainer.log_every_n_steps=0"],
+                  r"callbacks.stop_on_non_finite.check_every_n_steps \(trainer.log_every_n_steps by default\) must be"),
+    "samples": (["callbacks.text_samples.temperature=0"], "callbacks.text_samples.max_new_tokens and .temperature must"),
     "min_lr_ratio": (["scheduler.min_lr_ratio=-1"], "scheduler.min_lr_ratio is the final learning rate over the peak"),
 }
 

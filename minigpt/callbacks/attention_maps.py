@@ -37,7 +37,8 @@ class AttentionMaps(Callback):
             dirpath: where to save the latest maps as PNG; None = TensorBoard only.
         """
         if every_n_validations <= 0 or length <= 0:
-            raise ValueError(f"every_n_validations and length must be positive, got {every_n_validations}, {length}")
+            raise ValueError(f"callbacks.attention_maps.every_n_validations and .length must be positive, got "
+                             f"{every_n_validations} and {length}")
         self.text, self.length, self.every_n_validations = text, length, every_n_validations
         self.dirpath = Path(dirpath) if dirpath else None
         self.validations = 0

@@ -23,7 +23,8 @@ class NonFiniteLossError(FloatingPointError):
 class StopOnNonFiniteLoss(Callback):
     def __init__(self, check_every_n_steps: int = 50, max_names: int = 8):
         if check_every_n_steps <= 0:
-            raise ValueError(f"check_every_n_steps must be positive, got {check_every_n_steps}")
+            raise ValueError(f"callbacks.stop_on_non_finite.check_every_n_steps (trainer.log_every_n_steps by default) "
+                             f"must be positive, got {check_every_n_steps}")
         self.check_every_n_steps, self.max_names = check_every_n_steps, max_names
         self._finite: list[torch.Tensor] = []  # isfinite(loss) of each batch since the last check, on the device
         self._steps: list[int] = []  # the optimizer step each of those batches belongs to

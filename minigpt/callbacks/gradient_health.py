@@ -101,7 +101,8 @@ class GradientHealth(Callback):
             dirpath: where to save the latest gradient-flow chart as `gradient_flow.png`; None = TensorBoard only.
         """
         if every_n_steps is not None and every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be positive or None, got {every_n_steps}")
+            raise ValueError(f"callbacks.gradient_health.every_n_steps (trainer.log_every_n_steps by default) must be "
+                             f"positive or null, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.vanish_below, self.explode_above = vanish_below, explode_above
         self.dirpath = Path(dirpath) if dirpath else None
