@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.callbacks.run_summary import global_batch
 from minigpt.callbacks.startup import StartupTimes
+from minigpt.callbacks.step_checkpoint import last_saved_step
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.data import WindowsDataModule
 from minigpt.model import check_compile, compile_model
@@ -124,9 +125,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     weights_only=True)
     except SystemExit:  # Lightning's answer to Ctrl-C: it shuts down and exits; say where the run can go on from
         if trainer.interrupted:
-            saved = max((c._last_global_step_saved for c in trainer.checkpoint_callbacks), default=0)
             log.info("Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py "
-                     "ckpt_path=%s (and the same settings)", trainer.global_step, saved, cfg.run_dir)
+                     "ckpt_path=%s (and the same settings)", trainer.global_step, last_saved_step(trainer), cfg.run_dir)
         raise
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}

@@ -235,8 +235,8 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
     others = sorted((p for p in folder.glob("*.ckpt") if p.name != last.name), key=lambda p: p.stat().st_mtime)
     best = others[-1:]  # [] when the run kept no other checkpoint; with save_top_k=1 (the default) the only one
     if prefer == "best" and len(others) > 1:  # save_top_k > 1: the newest of the top k need not be the best
-        best = [recorded_best(folder, max([last] + others, key=lambda p: p.stat().st_mtime if p.is_file() else 0))
-                or others[-1]]
+        # last.ckpt, written after the top-k file of each save, has the newest record (save_last=false: the newest)
+        best = [recorded_best(folder, last if last.is_file() else others[-1]) or others[-1]]
     candidates = (best + [last]) if prefer == "best" else ([last] + best)
     for candidate in candidates:
         if candidate.is_file():
@@ -244,11 +244,11 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
     raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none (did it reach its first validation?).")
 
 
-def recorded_best(folder: Path, newest: Path) -> Path | None:
-    """The best checkpoint as the run's monitoring ModelCheckpoint recorded it in its `newest` checkpoint, if that
-    file is still in `folder` (looked up by name: the run folder may have moved since)."""
+def recorded_best(folder: Path, checkpoint: Path) -> Path | None:
+    """The best checkpoint as the run's monitoring ModelCheckpoint recorded it in `checkpoint`, if that file is still
+    in `folder` (looked up by name: the run folder may have moved since)."""
     try:
-        states = load_checkpoint(newest).get("callbacks", {})  # mapped: the weights themselves are not read
+        states = load_checkpoint(checkpoint).get("callbacks", {})  # mapped: the weights themselves are not read
     except ValueError:
         return None
     for state in states.values():

@@ -88,7 +88,7 @@ class Job:
     overrides: list[str]
     scalars: dict[str, Series]
     started: float
-    tokens_per_step: int
+    tokens_per_step: int | None  # None: not recorded
 
     @property
     def wall_time(self) -> float:
@@ -99,28 +99,22 @@ class Job:
     def tokens_per_second(self) -> float:
         """Training throughput between the first and last logged training steps, validations included."""
         train = self.scalars.get("train/loss")
-        if train is None or len(train.steps) < 2 or train.wall_times[-1] <= train.wall_times[0]:
+        if (self.tokens_per_step is None or train is None or len(train.steps) < 2
+                or train.wall_times[-1] <= train.wall_times[0]):
             return float("nan")
         return (train.steps[-1] - train.steps[0]) * self.tokens_per_step / (train.wall_times[-1] - train.wall_times[0])
 
 
 def read_job(folder: Path) -> Job:
-    hydra_dir = folder / ".hydra"
-    overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
-    config = yaml.safe_load((hydra_dir / "config.yaml").read_text())  # read as YAML: no interpolation is resolved
-    tokens_per_step = recorded_tokens_per_step(folder / "tensorboard" / "hparams.yaml")
-    if tokens_per_step is None:  # a run from before the global batch was recorded: from the settings
-        trainer = config["trainer"]
-        devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) and trainer["devices"] > 0 else 1
-        tokens_per_step = (config["data"]["batch_size"] * config["model"]["block_size"]
-                           * trainer.get("accumulate_grad_batches", 1) * devices * trainer.get("num_nodes", 1))
+    overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
     scalars, started = read_scalars(folder / "tensorboard")
-    return Job(folder, [o for o in overrides if not o.startswith("hydra.")], scalars, started, tokens_per_step)
+    return Job(folder, [o for o in overrides if not o.startswith("hydra.")], scalars, started,
+               recorded_tokens_per_step(folder / "tensorboard" / "hparams.yaml"))
 
 
 def recorded_tokens_per_step(hparams_file: Path) -> int | None:
-    """The tokens of one optimizer step over every device, as the run recorded them when it started (devices=-1 or
-    auto become a number only then)."""
+    """The tokens of one optimizer step over every device, as train.py records them when the run starts (only then
+    do devices=-1 or auto become a number); None for a run that recorded none."""
     try:
         recorded = yaml.safe_load(hparams_file.read_text()) or {}
     except (OSError, yaml.YAMLError):
