@@ -6,7 +6,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from minigpt.module import MiniGPTModule, find_checkpoint
+from minigpt.checkpoint import find_checkpoint, read_model
 from minigpt.tokenizer import unescape
 
 
@@ -28,8 +28,7 @@ def sample(cfg: DictConfig) -> list[str]:
     if not prompt_text:
         raise ValueError("prompt must not be empty: give at least one character, e.g. 'prompt=\\n' (a newline)")
     device = pick_device(cfg.device)
-    module = MiniGPTModule.from_checkpoint(find_checkpoint(cfg.ckpt_path, prefer="best"), map_location=device)
-    model, tokenizer = module.model.eval(), module.tokenizer
+    model, tokenizer = read_model(find_checkpoint(cfg.ckpt_path, prefer="best"), map_location=device)
     try:
         prompt = tokenizer.encode(prompt_text).long().to(device)
     except ValueError as err:

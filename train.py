@@ -33,10 +33,11 @@ from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.callbacks.run_summary import global_batch
 from minigpt.callbacks.startup import StartupTimes
 from minigpt.callbacks.step_checkpoint import last_saved_step
+from minigpt.checkpoint import find_checkpoint, load_checkpoint
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.data import WindowsDataModule
 from minigpt.model import check_compile, compile_model
-from minigpt.module import MiniGPTModule, find_checkpoint, load_checkpoint
+from minigpt.module import MiniGPTModule
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from minigpt.atomic import atomic_write
-from minigpt.module import load_checkpoint
+from minigpt.checkpoint import load_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -22,7 +22,8 @@ from minigpt.callbacks.attention_maps import attention_figures
 from minigpt.callbacks.gradient_health import measure
 from minigpt.data import TextDataModule
 from minigpt.graph import check_graph_file, render_autograd_graph
-from minigpt.module import MiniGPTModule, find_checkpoint
+from minigpt.checkpoint import find_checkpoint
+from minigpt.module import MiniGPTModule
 from minigpt.tokenizer import unescape
 
 INSPECTIONS = ("grads", "attention", "graph")

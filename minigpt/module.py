@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from minigpt.checkpoint import hyper_parameters, load_checkpoint
 from minigpt.model import GPT, GPTConfig, eager
 from minigpt.optim import Muon
 from minigpt.tokenizer import tokenizer_from_hparams
@@ -78,6 +79,15 @@ class MiniGPTModule(L.LightningModule):
         scheduler = {"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.1, **(scheduler or {})}
         if optimizer["name"] not in OPTIMIZERS:
             raise ValueError(f"optimizer.name={optimizer['name']!r} is not one of {sorted(OPTIMIZERS)}")
+        # The settings go to the optimizer's constructor when training starts (weight decay and Muon's AdamW rate
+        # through the parameter groups): one it does not take would fail only then, after the run's folder is set up.
+        takes = set(inspect.signature(OPTIMIZERS[optimizer["name"]]).parameters) - {"params"}
+        takes |= {"adamw_lr"} if optimizer["name"] == "muon" else {"weight_decay"}
+        unknown = sorted(set(optimizer) - takes - {"name"})
+        if unknown:
+            raise ValueError(f"optimizer={optimizer['name']} does not take the setting(s) {unknown}; it takes "
+                             f"{sorted(takes)}. Leave them out, or choose the optimizer with optimizer={optimizer['name']}, which "
+                             "swaps in its own settings (optimizer.name= keeps the other optimizer's).")
         if not optimizer["lr"] > 0:
             raise ValueError(f"optimizer.lr must be positive, got {optimizer['lr']}")
         if scheduler["name"] not in SCHEDULES:
@@ -176,7 +186,7 @@ class MiniGPTModule(L.LightningModule):
         try:
             optimizer = OPTIMIZERS[name](groups, **settings)
         except TypeError as err:
-            raise ValueError(f"optimizer={name} does not take one of the options {sorted(settings)}: {err}") from None
+            raise ValueError(f"optimizer={name} refused its settings {settings}: {err}") from None
 
         schedule = dict(self.hparams.scheduler)
         max_steps = self.trainer.max_steps
@@ -190,70 +200,12 @@ class MiniGPTModule(L.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> MiniGPTModule:
-        """Rebuild the module from a checkpoint alone, without unpickling arbitrary objects."""
+        """Rebuild the module from a checkpoint alone, without unpickling arbitrary objects (for the model alone,
+        without Lightning: `minigpt.checkpoint.read_model`)."""
         checkpoint = load_checkpoint(path, map_location)
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(checkpoint.get("hyper_parameters") or {}) - known)
-        if unknown:
-            raise ValueError(f"{path} was written by another version of minigpt: its hyper-parameters {unknown} are "
-                             f"not among this version's ({sorted(known)}). Sample from it with the version that "
-                             "trained it, or train a new model.")
         try:
-            hparams = dict(checkpoint["hyper_parameters"])
-            module = cls(**hparams)
+            module = cls(**hyper_parameters(checkpoint, path))
             module.load_state_dict(checkpoint["state_dict"])
-        except (KeyError, TypeError, RuntimeError) as err:
+        except (TypeError, RuntimeError) as err:
             raise ValueError(f"{path} is not a minigpt checkpoint ({type(err).__name__}: {err})") from None
         return module
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """`torch.load` with `weights_only=True` (tensors and plain containers only) and errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    try:
-        # mmap: resuming reads the file here for its step and sizes, then again in Lightning; mapped, the tensors
-        # are paged in only when used instead of being copied into memory twice.
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except Exception as err:  # torch raises pickle, zip and runtime errors alike for a damaged or unsafe file
-        raise ValueError(
-            f"Could not load checkpoint {path}: it is truncated, damaged, or holds objects other than tensors and "
-            f"plain containers, which are never unpickled ({type(err).__name__}: {str(err).splitlines()[0]})"
-        ) from None
-
-
-def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
-    """A checkpoint file given as itself or as a run folder: its `last.ckpt`, or with prefer="best" the best one."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist: give a .ckpt file or a run folder under outputs/.")
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    last = folder / "last.ckpt"
-    others = sorted((p for p in folder.glob("*.ckpt") if p.name != last.name), key=lambda p: p.stat().st_mtime)
-    best = others[-1:]  # [] when the run kept no other checkpoint; with save_top_k=1 (the default) the only one
-    if prefer == "best" and len(others) > 1:  # save_top_k > 1: the newest of the top k need not be the best
-        # last.ckpt, written after the top-k file of each save, has the newest record (save_last=false: the newest)
-        best = [recorded_best(folder, last if last.is_file() else others[-1]) or others[-1]]
-    candidates = (best + [last]) if prefer == "best" else ([last] + best)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none (did it reach its first validation?).")
-
-
-def recorded_best(folder: Path, checkpoint: Path) -> Path | None:
-    """The best checkpoint as the run's monitoring ModelCheckpoint recorded it in `checkpoint`, if that file is still
-    in `folder` (looked up by name: the run folder may have moved since)."""
-    try:
-        states = load_checkpoint(checkpoint).get("callbacks", {})  # mapped: the weights themselves are not read
-    except ValueError:
-        return None
-    for state in states.values():
-        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
-            best = folder / Path(state["best_model_path"]).name
-            if best.is_file():
-                return best
-    return None

@@ -160,6 +160,9 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     lines = [f"# {multirun_dir}", ""] + ([f"Common to all jobs: `{shared}`", ""] if shared else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"`{c}`" if i == 1 else c for i, c in enumerate(row)) + " |" for row in rows]
+    if any(row[-1] == "nan" for row in rows):
+        lines += ["", "tokens/s is nan for a job that logged fewer than two training steps (see trainer.log_every_n_steps) "
+                  "or recorded no global batch in tensorboard/hparams.yaml (runs of minigpt before it did)."]
     table_md = multirun_dir / "comparison.md"
     table_md.write_text("\n".join(lines) + "\n")
     return [plot, table_md, table_csv]

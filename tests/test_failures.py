@@ -17,7 +17,7 @@ from omegaconf import open_dict
 import sample
 import train
 from minigpt.callbacks.divergence import NonFiniteLossError
-from minigpt.module import load_checkpoint
+from minigpt.checkpoint import load_checkpoint
 from tests.conftest import ROOT, TINY, compose_sample, compose_train, make_text
 
 

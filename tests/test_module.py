@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -9,6 +11,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from minigpt.module import MiniGPTModule, warmup_cosine
+from tests.conftest import ROOT
 
 VOCAB = "\n !,.:;?abcdefghijklmnopqrstuvwxyz"
 SIZES = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
@@ -23,6 +26,7 @@ def test_module_is_built_by_hand_without_hydra():
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(optimizer={"name": "lion"}), "not one of"), (dict(optimizer={"lr": 0}), "lr must be positive"),
+     (dict(optimizer={"name": "sgd", "betas": [0.9, 0.99]}), r"sgd does not take the setting\(s\) \['betas'\]"),
      (dict(scheduler={"name": "step"}), "not one of"), (dict(model={**SIZES, "n_head": 3}), "divisible")],
 )
 def test_invalid_settings_are_refused(kwargs, message):
@@ -100,6 +104,35 @@ def test_a_checkpoint_of_another_version_names_the_settings_this_one_does_not_kn
         MiniGPTModule.from_checkpoint(older)
 
 
+def test_the_checkpoint_reader_knows_exactly_the_modules_hyper_parameters():
+    import inspect
+
+    from minigpt.checkpoint import HPARAMS
+
+    assert HPARAMS == set(inspect.signature(MiniGPTModule.__init__).parameters) - {"self"}
+
+
+def test_read_model_rebuilds_the_trained_model_and_tokenizer(trained_run):
+    from minigpt.checkpoint import read_model
+
+    path = trained_run[0] / "checkpoints" / "last.ckpt"
+    model, tokenizer = read_model(path)
+    module = MiniGPTModule.from_checkpoint(path)
+    assert not model.training and tokenizer.vocab == module.tokenizer.vocab
+    assert model.state_dict().keys() == module.model.state_dict().keys()
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_sampling_does_not_import_lightning(trained_run):
+    """sample.py reads the checkpoint without Lightning, whose import is most of its start-up on a small CPU."""
+    code = ("import sys; import sample; from minigpt.checkpoint import find_checkpoint, read_model; "
+            f"read_model(find_checkpoint({str(trained_run[0])!r}, prefer='best')); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'torchmetrics'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_fused_adamw_with_bf16_and_gradient_clipping_trains(cfg_tiny):
     """trainer=gpu uses fused AdamW under bf16-mixed with clipping, which Lightning alone refuses; CPU has both."""
     import train
@@ -119,7 +152,7 @@ def test_the_best_of_several_kept_checkpoints_is_the_one_the_run_recorded(tmp_pa
     """With save_top_k > 1 the newest kept checkpoint need not be the best: the run's own record decides."""
     import os
 
-    from minigpt.module import find_checkpoint
+    from minigpt.checkpoint import find_checkpoint
 
     folder = tmp_path / "moved_run" / "checkpoints"
     folder.mkdir(parents=True)

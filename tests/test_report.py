@@ -40,6 +40,7 @@ def test_sweep_table_has_each_jobs_best_loss_and_throughput(trained_run, cfg_tin
     markdown = table_md.read_text()
     assert "Common to all jobs: `model=tiny`" in markdown
     assert markdown.count("\n| 0_") + markdown.count("\n| 1_") == 2
+    assert "tokens/s is nan" not in markdown  # the footnote is there only when a job has no throughput
 
 
 def test_report_on_a_run_folder_draws_its_loss_curve(trained_run, tmp_path):
@@ -70,7 +71,7 @@ def test_real_sweep_compares_its_jobs(multirun_dir):
     assert_is_a_picture(decode_png((multirun_dir / "comparison.png").read_bytes()), min_width=600, min_height=300)
 
 
-def test_throughput_counts_the_devices_the_run_recorded(trained_run, cfg_tiny_global, tmp_path):
+def test_throughput_counts_the_devices_the_run_recorded_and_is_explained_where_missing(trained_run, cfg_tiny_global, tmp_path):
     """trainer=ddp says devices=-1 (every GPU): only the run itself knew how many that was."""
     from minigpt.report import read_job
 
@@ -82,3 +83,8 @@ def test_throughput_counts_the_devices_the_run_recorded(trained_run, cfg_tiny_gl
     recorded["global_batch"] |= {"tokens": 4 * one_device, "devices": 4}  # as a run on 4 GPUs records it
     hparams.write_text(yaml.safe_dump(recorded))
     assert read_job(job).tokens_per_step == 4 * one_device
+    del recorded["global_batch"]  # as runs of earlier versions wrote it
+    hparams.write_text(yaml.safe_dump(recorded))
+    _, table_md, table_csv = compare_sweep(tmp_path)
+    assert [row["tokens/s"] for row in csv.DictReader(table_csv.open())] == ["nan"]
+    assert "tokens/s is nan for a job that" in table_md.read_text()

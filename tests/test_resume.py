@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import sample
 import train
 from minigpt.checkpoint_io import AtomicCheckpointIO
-from minigpt.module import MiniGPTModule, load_checkpoint
+from minigpt.checkpoint import load_checkpoint
+from minigpt.module import MiniGPTModule
 from tests.conftest import ROOT, TINY, compose_sample, compose_train
 
 # 24 steps of 2 accumulated batches, validated every 12 batches (6 steps), last.ckpt also every 4 steps in

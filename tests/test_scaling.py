@@ -22,7 +22,7 @@ import train
 from minigpt.callbacks.batch_fingerprints import fingerprint
 from minigpt.callbacks.divergence import NonFiniteLossError, StopOnNonFiniteLoss
 from minigpt.data import RandomWindows
-from minigpt.module import load_checkpoint
+from minigpt.checkpoint import load_checkpoint
 from tests.conftest import CONF, ROOT, TINY, compose_train
 
 DDP = [o for o in TINY if o != "trainer=cpu"] + ["trainer=ddp_cpu"]  # two processes over gloo

@@ -1,0 +1,99 @@
+"""Reading checkpoints: finding one in a run folder, loading it safely, and rebuilding the model from it.
+
+Nothing here imports Lightning (about 7 s of start-up on a 2-core CPU, most of `sample.py`'s): generating text
+needs only the model, the tokenizer and the weights, all of which a checkpoint holds as plain data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_hparams
+
+# MiniGPTModule's constructor arguments, which it saves as the checkpoint's hyper-parameters (a test holds the two
+# equal): a checkpoint with others was written by another version, whose model this one may build differently.
+HPARAMS = frozenset({"vocab", "bpe", "model", "optimizer", "scheduler"})
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """`torch.load` with `weights_only=True` (tensors and plain containers only) and errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        # mmap: resuming reads the file here for its step and sizes, then again in Lightning; mapped, the tensors
+        # are paged in only when used instead of being copied into memory twice.
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike for a damaged or unsafe file
+        raise ValueError(
+            f"Could not load checkpoint {path}: it is truncated, damaged, or holds objects other than tensors and "
+            f"plain containers, which are never unpickled ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
+
+
+def hyper_parameters(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The checkpoint's hyper-parameters (MiniGPTModule's constructor arguments), checked to be this version's."""
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path} is not a minigpt checkpoint (it has no hyper_parameters or no state_dict)")
+    unknown = sorted(set(hparams) - HPARAMS)
+    if unknown:
+        raise ValueError(f"{path} was written by another version of minigpt: its hyper-parameters {unknown} are "
+                         f"not among this version's ({sorted(HPARAMS)}). Sample from it with the version that "
+                         "trained it, or train a new model.")
+    return dict(hparams)
+
+
+def read_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer | BPETokenizer]:
+    """The trained model (in eval mode) and its tokenizer, from a checkpoint alone, without Lightning."""
+    checkpoint = load_checkpoint(path, map_location)
+    hparams = hyper_parameters(checkpoint, path)
+    prefix = "model."  # MiniGPTModule keeps the GPT as its `model` attribute
+    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    try:
+        tokenizer = tokenizer_from_hparams(hparams.get("vocab"), hparams.get("bpe"))
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **(hparams.get("model") or {})))
+        model.load_state_dict(weights)
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a minigpt checkpoint ({type(err).__name__}: {err})") from None
+    return model.to(map_location).eval(), tokenizer
+
+
+def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
+    """A checkpoint file given as itself or as a run folder: its `last.ckpt`, or with prefer="best" the best one."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist: give a .ckpt file or a run folder under outputs/.")
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    last = folder / "last.ckpt"
+    others = sorted((p for p in folder.glob("*.ckpt") if p.name != last.name), key=lambda p: p.stat().st_mtime)
+    best = others[-1:]  # [] when the run kept no other checkpoint; with save_top_k=1 (the default) the only one
+    if prefer == "best" and len(others) > 1:  # save_top_k > 1: the newest of the top k need not be the best
+        # last.ckpt, written after the top-k file of each save, has the newest record (save_last=false: the newest)
+        best = [recorded_best(folder, last if last.is_file() else others[-1]) or others[-1]]
+    candidates = (best + [last]) if prefer == "best" else ([last] + best)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none (did it reach its first validation?).")
+
+
+def recorded_best(folder: Path, checkpoint: Path) -> Path | None:
+    """The best checkpoint as the run's monitoring ModelCheckpoint recorded it in `checkpoint`, if that file is still
+    in `folder` (looked up by name: the run folder may have moved since)."""
+    try:
+        states = load_checkpoint(checkpoint).get("callbacks", {})  # mapped: the weights themselves are not read
+    except ValueError:
+        return None
+    for state in states.values():
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
+            best = folder / Path(state["best_model_path"]).name
+            if best.is_file():
+                return best
+    return None
