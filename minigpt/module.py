@@ -85,9 +85,10 @@ class MiniGPTModule(L.LightningModule):
         takes |= {"adamw_lr"} if optimizer["name"] == "muon" else {"weight_decay"}
         unknown = sorted(set(optimizer) - takes - {"name"})
         if unknown:
-            raise ValueError(f"optimizer={optimizer['name']} does not take the setting(s) {unknown}; it takes "
-                             f"{sorted(takes)}. Leave them out, or choose the optimizer with optimizer={optimizer['name']}, which "
-                             "swaps in its own settings (optimizer.name= keeps the other optimizer's).")
+            name = optimizer["name"]
+            raise ValueError(f"optimizer={name} does not take the setting(s) {unknown}; it takes {sorted(takes)}. "
+                             f"Leave them out, or choose the optimizer with optimizer={name}, which swaps in its own "
+                             "settings (optimizer.name= keeps the other optimizer's).")
         if not optimizer["lr"] > 0:
             raise ValueError(f"optimizer.lr must be positive, got {optimizer['lr']}")
         if scheduler["name"] not in SCHEDULES:
