@@ -6,12 +6,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from minigpt.checkpoint import find_checkpoint, read_model
+from minigpt.checkpoint import checkpoint_path, find_checkpoint, read_model
 from minigpt.tokenizer import unescape
 
 
 def sample(cfg: DictConfig) -> list[str]:
     """`cfg.num_samples` continuations of `cfg.prompt`, each starting with the prompt."""
+    ckpt_path = checkpoint_path(cfg, "python sample.py")
     for name in ("max_new_tokens", "num_samples") + (("top_k",) if cfg.top_k is not None else ()):
         if not is_whole(cfg[name]) or cfg[name] <= 0:
             raise ValueError(f"{name} must be a positive whole number, got {cfg[name]!r}"
@@ -28,7 +29,7 @@ def sample(cfg: DictConfig) -> list[str]:
     if not prompt_text:
         raise ValueError("prompt must not be empty: give at least one character, e.g. 'prompt=\\n' (a newline)")
     device = pick_device(cfg.device)
-    model, tokenizer = read_model(find_checkpoint(cfg.ckpt_path, prefer="best"), map_location=device)
+    model, tokenizer = read_model(find_checkpoint(ckpt_path, prefer="best"), map_location=device)
     try:
         prompt = tokenizer.encode(prompt_text).long().to(device)
     except ValueError as err:

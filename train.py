@@ -10,6 +10,7 @@ import importlib.util  # noqa: E402
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from minigpt.callbacks.startup import StartupTimes
 from minigpt.callbacks.step_checkpoint import last_saved_step
 from minigpt.checkpoint import find_checkpoint, load_checkpoint
 from minigpt.checkpoint_io import AtomicCheckpointIO
+from minigpt.corpus import TokenFileChanged
 from minigpt.data import WindowsDataModule
 from minigpt.model import check_compile, compile_model
 from minigpt.module import MiniGPTModule
@@ -87,6 +89,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_compile(cfg.compile)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
+    if checkpoint is None:  # a resumed run has said where it writes
+        log.info("Run folder: %s", shown(cfg.run_dir))
     datamodule: WindowsDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")  # the tokenizer, and so the model's size, comes from the text
@@ -134,9 +138,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best = next((c.best_model_score for c in callbacks if isinstance(c, ModelCheckpoint) and c.best_model_score is not None), None)
     metrics["val/loss_best"] = float(best) if best is not None else metrics.get("val/loss", float("nan"))
     metrics["step"] = trainer.global_step
-    log.info("Finished at step %d: val/loss %.4f, best val/loss %.4f", trainer.global_step,
-             metrics.get("val/loss", float("nan")), metrics["val/loss_best"])
+    log.info("Finished at step %d: val/loss %.4f, best val/loss %.4f. Run folder: %s", trainer.global_step,
+             metrics.get("val/loss", float("nan")), metrics["val/loss_best"], shown(cfg.run_dir))
+    if trainer.checkpoint_callbacks:
+        log.info("Generate text from it: python sample.py ckpt_path=%s", shlex.quote(shown(cfg.run_dir)))
     return metrics
+
+
+def shown(path: str) -> str:
+    """`path` as a user would type it here: relative to the working directory when it lies below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def take_launch_time() -> float:
@@ -311,8 +323,8 @@ class JobFailed(CompactHydraException):
     """A multirun job's error, printed by Hydra without a traceback once the other jobs have run."""
 
 
-# Mistakes in the input and diverged runs: reported in one paragraph, not as a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError, JobProcessFailed)
+# Mistakes in the input, diverged runs and data changed under a run: reported in one paragraph, not as a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError, JobProcessFailed, TokenFileChanged)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -337,7 +349,7 @@ def main(cfg: DictConfig) -> float:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         if not isinstance(cause, USER_ERRORS):
             raise  # a bug, not a bad input: keep the traceback
-        log.error("%s", cause)  # into this job's train.log
+        logging.getLogger("minigpt.errors").error("%s", cause)  # into this job's train.log (conf/hydra/job_logging)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # An Exception lets Hydra run the other jobs; it reports the first failure and exits non-zero at the end.
             raise JobFailed(f"error: {cause}") from None

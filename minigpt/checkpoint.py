@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_hparams
@@ -31,8 +32,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as err:  # torch raises pickle, zip and runtime errors alike for a damaged or unsafe file
         raise ValueError(
             f"Could not load checkpoint {path}: it is truncated, damaged, or holds objects other than tensors and "
-            f"plain containers, which are never unpickled ({type(err).__name__}: {str(err).splitlines()[0]})"
+            f"plain containers, which are never unpickled ({type(err).__name__}: {load_failure(err)})"
         ) from None
+
+
+def load_failure(err: Exception) -> str:
+    """What torch.load found wrong with the file, in one line. Its weights-only refusal comes with advice to load the
+    file with weights_only=False or to allow-list the refused global, either of which would run the file's code:
+    only the refused global is kept."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = [line for line in lines if "GLOBAL " in line]
+    if refused:
+        return refused[0].removeprefix("WeightsUnpickler error: ").split(". Please")[0].rstrip(".")
+    return lines[0] if lines else "no message"
 
 
 def hyper_parameters(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
@@ -63,6 +75,14 @@ def read_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     return model.to(map_location).eval(), tokenizer
 
 
+def checkpoint_path(cfg: DictConfig, command: str) -> str:
+    """`cfg.ckpt_path`, which has no default (`???`): without it, an error that says what to give."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise ValueError(f"ckpt_path is missing: give the run to read, e.g. {command} ckpt_path=outputs/<date>/<time> "
+                         "(a run folder, as the run's last line names it, or a .ckpt file)")
+    return cfg.ckpt_path
+
+
 def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
     """A checkpoint file given as itself or as a run folder: its `last.ckpt`, or with prefer="best" the best one."""
     path = Path(path).expanduser()
@@ -81,7 +101,9 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none (did it reach its first validation?).")
+    raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none. Either it stopped before its first "
+                            "validation, or its callbacks keep no checkpoint (callbacks=none, experiment=speedrun; "
+                            "its .hydra/config.yaml says which).")
 
 
 def recorded_best(folder: Path, checkpoint: Path) -> Path | None:

@@ -118,6 +118,10 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
 _OPEN_FILES: dict[tuple[str, int, int], int] = {}
 
 
+class TokenFileChanged(RuntimeError):
+    """The token file a run reads was removed or replaced (its corpus re-tokenized) after the run started."""
+
+
 @dataclass(frozen=True)
 class TokenFile:
     """Tokens `start` to `stop` of a token file, indexed like a 1-D CPU tensor of int64: `len()`, a slice, or a
@@ -161,13 +165,13 @@ class TokenFile:
             try:
                 fd = os.open(self.path, os.O_RDONLY)
             except OSError as err:
-                raise RuntimeError(f"The token file {self.path} this run trains on is gone ({err.strerror}): "
-                                   "restart the run, which tokenizes its data again.") from None
+                raise TokenFileChanged(f"The token file {self.path} this run trains on is gone ({err.strerror}): "
+                                       "restart the run, which tokenizes its data again.") from None
             stat = os.fstat(fd)
             if (stat.st_dev, stat.st_ino) != self.identity:
                 os.close(fd)
-                raise RuntimeError(f"The token file {self.path} was rebuilt after this run started (its source "
-                                   "files changed): restart the run, which reads the new one.")
+                raise TokenFileChanged(f"The token file {self.path} was rebuilt after this run started (its source "
+                                       "files changed): restart the run, which reads the new one.")
             _OPEN_FILES[key] = fd
         return _OPEN_FILES[key]
 

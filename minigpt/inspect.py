@@ -6,7 +6,9 @@
     what=graph       the autograd graph of the loss on `text` (graph.svg; graph.dot where Graphviz is missing)
 
 Pictures go to <run folder>/inspect unless out_dir= says otherwise. The checkpoint is loaded with
-`MiniGPTModule.from_checkpoint` (tensors and plain containers only); the text comes from `data` as in training.
+`MiniGPTModule.from_checkpoint` (tensors and plain containers only). The validation text comes from the data
+settings the run recorded in its folder (.hydra/config.yaml), or from `data` when the command line sets it or the
+run folder has none.
 """
 
 from __future__ import annotations
@@ -14,32 +16,40 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from minigpt import plots
 from minigpt.callbacks.attention_maps import attention_figures
 from minigpt.callbacks.gradient_health import measure
 from minigpt.data import TextDataModule
 from minigpt.graph import check_graph_file, render_autograd_graph
-from minigpt.checkpoint import find_checkpoint
+from minigpt.checkpoint import checkpoint_path, find_checkpoint
 from minigpt.module import MiniGPTModule
 from minigpt.tokenizer import unescape
 
 INSPECTIONS = ("grads", "attention", "graph")
 
 
-def inspect(cfg: DictConfig) -> list[Path]:
-    """Run the inspection `cfg.what` on `cfg.ckpt_path`; returns the files written."""
+def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
+    """Run the inspection `cfg.what` on `cfg.ckpt_path`; returns the files written. With `data_from_run`, the text
+    comes from the data settings the run recorded, where its folder has them."""
+    ckpt_path = checkpoint_path(cfg, "python -m minigpt.inspect")
     if cfg.what not in INSPECTIONS:
         raise ValueError(f"what={cfg.what} is not one of {', '.join(INSPECTIONS)}")
     if cfg.what == "graph":
         check_graph_file(cfg.graph_file, "graph_file")
-    path = find_checkpoint(cfg.ckpt_path, prefer="best")
+    path = find_checkpoint(ckpt_path, prefer="best")
     module = MiniGPTModule.from_checkpoint(path)
     model = module.model.eval()  # no dropout: the numbers are those of the model itself
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "inspect"
+    recorded = run_dir / ".hydra" / "config.yaml"
+    if data_from_run and recorded.is_file():
+        cfg = cfg.copy()
+        cfg.data = recorded_data(recorded)
 
     if cfg.what == "grads":
         x, y = validation_batch(cfg, module)
@@ -56,9 +66,18 @@ def inspect(cfg: DictConfig) -> list[Path]:
     return [render_autograd_graph(model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file)]
 
 
+def recorded_data(config_file: Path) -> DictConfig:
+    """The `data` settings of a run's recorded config, resolved there (its ${model.block_size}, ${seed})."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(OmegaConf.load(config_file).data, resolve=True))
+    except (OmegaConfBaseException, OSError) as err:
+        raise ValueError(f"Could not read the run's data settings from {config_file} ({err}): give them on the "
+                         "command line (data=..., data.path=...)") from None
+
+
 def validation_data(cfg: DictConfig, module: MiniGPTModule) -> TextDataModule:
     datamodule = hydra.utils.instantiate(cfg.data, block_size=module.model.config.block_size,
-                                         batch_size=cfg.batch_size)
+                                         batch_size=cfg.batch_size, seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("validate")
     if datamodule.tokenizer.hparams() != module.tokenizer.hparams():
@@ -105,10 +124,15 @@ def gradient_table(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return "\n".join(lines)
 
 
+def sets_data(overrides: list[str]) -> bool:
+    """Whether command-line overrides choose the data (data=text, data.path=..., +data.x=..., ~data.y)."""
+    return any(o.lstrip("+~").split("=")[0].split(".")[0] == "data" for o in overrides)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inspect")
 def main(cfg: DictConfig) -> None:
     try:
-        written = inspect(cfg)
+        written = inspect(cfg, data_from_run=not sets_data(HydraConfig.get().overrides.task))
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     for path in written:

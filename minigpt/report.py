@@ -46,7 +46,15 @@ def read_scalars(events_dir: str | Path) -> tuple[dict[str, Series], float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})  # 0 = keep every point
-    events.Reload()
+    # A resumed run's events go back to its checkpoint's step: the reader drops the points logged after it, as
+    # TensorBoard does, with a warning about "a TensorFlow restart" that is no news here.
+    reader_log = logging.getLogger("tensorboard")
+    level = reader_log.level
+    reader_log.setLevel(logging.ERROR)
+    try:
+        events.Reload()
+    finally:
+        reader_log.setLevel(level)
     scalars = {}
     for tag in events.Tags()["scalars"]:
         points = events.Scalars(tag)

@@ -107,7 +107,7 @@ def test_a_run_keeps_reading_its_token_file_when_another_rebuilds_it(folder, tmp
 
     sent = pickle.loads(pickle.dumps(train_part))  # as a spawned process gets it: no open file there yet
     monkeypatch.setattr(corpus, "_OPEN_FILES", {})
-    with pytest.raises(RuntimeError, match="was rebuilt after this run started .* restart the run"):
+    with pytest.raises(corpus.TokenFileChanged, match="was rebuilt after this run started .* restart the run"):
         sent[torch.tensor([0])]
 
 

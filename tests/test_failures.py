@@ -127,6 +127,8 @@ def test_the_command_line_prints_one_paragraph_not_a_traceback(args, message, ea
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert re.search(message, out.stderr, flags=re.S), out.stderr
+    if "error: " in out.stderr:  # said once (train.log has it too), not also as a log line
+        assert out.stderr.count(out.stderr.split("error: ", 1)[1].strip()[:60]) == 1, out.stderr
     assert snapshot(earlier_run) == before
 
 
@@ -134,11 +136,21 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     with open_dict(cfg_tiny):
         cfg_tiny.callbacks.step_checkpoint.every_n_train_steps = 4
         cfg_tiny.callbacks.poison = {"_target_": "tests.crash.PoisonAt", "step": 25}
-    with pytest.raises(NonFiniteLossError, match="non-finite at step 25.*transformer.*last checkpoint is the last good state"):
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 25.*Non-finite weights at step 2[5-8]: "
+                       "model.transformer.wte.weight.*the last checkpoint, from step 24, is the last good state.*resume with"):
         train.train(cfg_tiny)
     last = load_checkpoint(Path(cfg_tiny.run_dir) / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 24  # saved before the NaN; the save at 28 was refused
     assert all(torch.isfinite(w).all() for w in last["state_dict"].values())
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_is_told_to_start_again(cfg_tiny):
+    with open_dict(cfg_tiny):
+        cfg_tiny.callbacks.poison = {"_target_": "tests.crash.PoisonAt", "step": 2}
+    with pytest.raises(NonFiniteLossError, match="stopped before it saved a checkpoint. Start again with") as err:
+        train.train(cfg_tiny)
+    assert "ckpt_path" not in str(err.value)  # nothing to resume from
+    assert not (Path(cfg_tiny.run_dir) / "checkpoints" / "last.ckpt").exists()
 
 
 @pytest.mark.slow

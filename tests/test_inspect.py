@@ -86,6 +86,29 @@ def test_the_data_hint_offers_text_only_where_text_is_used(trained_run, tmp_path
         assert ("text=" in str(err.value)) == offers_text
 
 
+def test_a_run_folder_gives_the_data_it_was_trained_on(trained_run, cfg_tiny_global, tmp_path):
+    """A run on its own text: inspect reads that text from the run's recorded config, without data settings."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from minigpt.inspect import sets_data
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0] / "checkpoints", run / "checkpoints")
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg_tiny_global, run / ".hydra" / "config.yaml")  # as Hydra records it: interpolations kept
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 " * 50)
+    cfg = compose_inspect([f"ckpt_path={run}", f"data.path={other}", "what=grads", f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises(ValueError, match="not the checkpoint's"):
+        inspect(cfg, data_from_run=False)  # data set on the command line: that text, which is not the run's
+    (chart,) = inspect(cfg, data_from_run=True)
+    assert chart.is_file()
+    assert sets_data(["data.path=x.txt"]) and sets_data(["data=text"]) and sets_data(["+data.glob=*"])
+    assert not sets_data(["what=grads", "ckpt_path=outputs/data", "dataset=x"])
+
+
 @pytest.mark.slow
 def test_inspect_command_line(trained_run, text_file, tmp_path):
     out = subprocess.run(

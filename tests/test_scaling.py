@@ -87,7 +87,7 @@ def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them(
     pl_module = SimpleNamespace(device=torch.device("cpu"), parameters=model.parameters,
                                 named_parameters=model.named_parameters)
     other_rank_saw = torch.tensor(7)
-    trainer = SimpleNamespace(world_size=2, global_step=9, strategy=SimpleNamespace(
+    trainer = SimpleNamespace(world_size=2, global_step=9, checkpoint_callbacks=[], strategy=SimpleNamespace(
         reduce=lambda mine, reduce_op: torch.minimum(mine, other_rank_saw) if reduce_op == "min" else None))
     callback = StopOnNonFiniteLoss(check_every_n_steps=10)
     for step in (8, 9):  # this rank's losses: finite

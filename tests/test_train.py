@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 
 import train
 from minigpt.callbacks.startup import PREFIX as STARTUP, parse_startup
+from minigpt.checkpoint import find_checkpoint, read_model
 from minigpt.data import WindowsDataModule
 from minigpt.module import warmup_cosine
 from tests.conftest import CONF, ROOT, compose_train
@@ -49,6 +50,17 @@ def test_sample_prints_text_that_starts_with_the_prompt(trained_run):
     assert out.returncode == 0, out.stderr
     samples = out.stdout.rstrip("\n").split("\n---------------\n")
     assert len(samples) == 2 and all(s.startswith("ROMEO:") and len(s) == 36 for s in samples)
+
+
+@pytest.mark.parametrize("config, command", [("sample", "sample.sample"), ("inspect", "minigpt.inspect.inspect")])
+def test_reading_a_run_without_ckpt_path_says_what_to_give(config, command):
+    import importlib
+
+    module, function = command.rsplit(".", 1)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config)
+    with pytest.raises(ValueError, match=r"ckpt_path is missing: give the run to read, e.g. python .*ckpt_path=outputs/"):
+        getattr(importlib.import_module(module), function)(cfg)
 
 
 def test_sample_names_characters_outside_the_vocabulary(trained_run):
@@ -116,6 +128,25 @@ def test_every_experiment_trains_a_few_steps_on_the_cpu(experiment, text_file, t
         cfg.run_dir = str(tmp_path)
     metrics = train.train(cfg)
     assert metrics["step"] == 3 and math.isfinite(metrics["val/loss"])
+    if experiment == "speedrun":  # documented to keep no checkpoint: no saving on its clock
+        with pytest.raises(FileNotFoundError, match="saved none.*callbacks keep no checkpoint"):
+            find_checkpoint(tmp_path, prefer="best")
+    else:  # sample.py can read what the recipe kept
+        model, _ = read_model(find_checkpoint(tmp_path, prefer="best"))
+        assert model.config.n_layer == cfg.model.n_layer
+
+
+def test_a_run_says_where_its_folder_is_and_how_to_sample_from_it(cfg_tiny, caplog, monkeypatch, tmp_path):
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.max_steps = 2
+    with caplog.at_level(logging.INFO):
+        train.train(cfg_tiny)
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"Run folder: {cfg_tiny.run_dir}" in messages  # at the start, before the long part
+    assert messages[-2].startswith("Finished at step 2") and messages[-2].endswith(f"Run folder: {cfg_tiny.run_dir}")
+    assert messages[-1] == f"Generate text from it: python sample.py ckpt_path={cfg_tiny.run_dir}"
+    monkeypatch.chdir(tmp_path)  # below the working directory, as outputs/ is: the path a user would type
+    assert train.shown(str(tmp_path / "outputs" / "x")) == "outputs/x"
 
 
 def start_up_line(caplog) -> str:

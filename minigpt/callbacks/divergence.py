@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from minigpt.callbacks.step_checkpoint import last_saved_step
+
 
 class NonFiniteLossError(FloatingPointError):
     """The run diverged: its loss or weights are NaN or infinite."""
@@ -73,14 +75,20 @@ class StopOnNonFiniteLoss(Callback):
                 )
 
     def _diagnosis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
-        bad_grads = [n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        grads = (f"Parameters with non-finite gradients at step {trainer.global_step}: {self._names(bad_grads)}. "
-                 if bad_grads else "")
-        return (
-            f"{grads}The run was stopped and nothing non-finite was saved: the last checkpoint is the last good state. "
-            "Lower optimizer.lr, add warmup (scheduler.warmup_steps) or clip harder (trainer.gradient_clip_val), "
-            "then resume with ckpt_path=<this run's folder> or start again."
-        )
+        named = list(pl_module.named_parameters())
+        bad_grads = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad_weights = [n for n, p in named if not torch.isfinite(p).all()]
+        found = "".join(f"{what} at step {trainer.global_step}: {self._names(names)}. "
+                        for what, names in (("Parameters with non-finite gradients", bad_grads),
+                                            ("Non-finite weights", bad_weights)) if names)
+        fixes = "a lower optimizer.lr, more warmup (scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val)"
+        saved = last_saved_step(trainer)
+        if not saved:
+            return f"{found}The run was stopped before it saved a checkpoint. Start again with {fixes}."
+        return (f"{found}The run was stopped and nothing non-finite was saved: the last checkpoint, from step {saved}, "
+                "is the last good state. Start again with a lower optimizer.lr (a resumed run keeps the optimizer "
+                "settings it was trained with), or resume with ckpt_path=<this run's folder> and more warmup "
+                "(scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val).")
 
     def _names(self, names: list[str]) -> str:
         more = f" and {len(names) - self.max_names} more" if len(names) > self.max_names else ""
