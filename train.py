@@ -109,8 +109,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # An entry set to null (as experiments do to drop one) is skipped.
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    # TensorBoard hides the steps a killed run logged after its last checkpoint, so the curve has no repeats
-    purge = {"purge_step": checkpoint["global_step"]} if checkpoint is not None else {}
+    # TensorBoard hides the steps a killed run logged after its last checkpoint, so the curve has no repeats. The
+    # values at the checkpoint's own step (its validation, the loss of the batch that made it) came before it.
+    purge = {"purge_step": checkpoint["global_step"] + 1} if checkpoint is not None else {}
     loggers = [hydra.utils.instantiate(c, **(purge if c._target_.endswith("TensorBoardLogger") else {}))
                for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start

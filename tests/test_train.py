@@ -34,11 +34,17 @@ def test_short_run_lowers_val_loss_and_writes_checkpoint_and_events(trained_run)
     assert any(t.startswith("grad/norm/transformer.h.0.") for t in tags)  # per-layer norms
     val = [e.value for e in events.Scalars("val/loss")]
     assert len(val) == 2 and val[-1] < val[0]
+    # every axis counts the optimizer steps done: validations at their checkpoints' steps, losses at log steps
+    assert [e.step for e in events.Scalars("val/loss")] == [20, 40]
+    best = next(p.name for p in (run_dir / "checkpoints").glob("step*.ckpt"))
+    assert best == f"step{events.Scalars('val/loss')[val.index(min(val))].step:06d}-val_loss{min(val):.4f}.ckpt"
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30, 40]
     assert metrics["val/loss"] == pytest.approx(val[-1], abs=1e-4)
     ppl = events.Scalars("val/ppl")[-1].value
     assert ppl == pytest.approx(math.exp(val[-1]), rel=1e-3)  # torchmetrics' perplexity agrees with the loss
     for event in events.Scalars("train/lr/decay"):  # the warmup-cosine schedule, stepped per optimizer step
-        assert event.value == pytest.approx(3e-3 * warmup_cosine(event.step, 5, 40, 0.1), rel=1e-4), event.step
+        # at the step the rate made: the update from step event.step - 1 to event.step
+        assert event.value == pytest.approx(3e-3 * warmup_cosine(event.step - 1, 5, 40, 0.1), rel=1e-4), event.step
 
 
 def test_sample_prints_text_that_starts_with_the_prompt(trained_run):

@@ -40,7 +40,8 @@ class RunSummary(Callback):
         value, _ = best(scalars.get("val/loss"))
         if not math.isnan(value):
             params = self.hyperparameters(trainer, pl_module)
-            logger.log_hyperparams(params, {"val/loss_best": value}, step=trainer.global_step)
+            # in Lightning's count, which the run's loggers turn into the steps done (minigpt/loggers.py)
+            logger.log_hyperparams(params, {"val/loss_best": value}, step=trainer.global_step - 1)
 
     @staticmethod
     def hyperparameters(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
