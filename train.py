@@ -10,6 +10,7 @@ import importlib.util  # noqa: E402
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -39,7 +40,7 @@ from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.corpus import TokenFileChanged
 from minigpt.data import WindowsDataModule
 from minigpt.model import check_compile, compile_model
-from minigpt.module import MiniGPTModule
+from minigpt.module import OPTIMIZERS, MiniGPTModule
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     weights_only=True)
     except SystemExit:  # Lightning's answer to Ctrl-C: it shuts down and exits; say where the run can go on from
         if trainer.interrupted:
-            log.info("Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py "
-                     "ckpt_path=%s (and the same settings)", trainer.global_step, last_saved_step(trainer), cfg.run_dir)
+            saved = max(last_saved_step(trainer), checkpoint["global_step"] if checkpoint is not None else 0)
+            log.info("Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py %s "
+                     "(and the same settings)", trainer.global_step, saved, ckpt_path_arg(cfg.run_dir))
         raise
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
@@ -142,8 +144,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Finished at step %d: val/loss %.4f, best val/loss %.4f. Run folder: %s", trainer.global_step,
              metrics.get("val/loss", float("nan")), metrics["val/loss_best"], shown(cfg.run_dir))
     if trainer.checkpoint_callbacks:
-        log.info("Generate text from it: python sample.py ckpt_path=%s", shlex.quote(shown(cfg.run_dir)))
+        log.info("Generate text from it: python sample.py %s", ckpt_path_arg(shown(cfg.run_dir)))
     return metrics
+
+
+def ckpt_path_arg(path: str) -> str:
+    """`ckpt_path=<path>` as one shell word that Hydra reads back as `path`: a multirun job's folder name holds `=`
+    and `,`, which Hydra's override grammar takes for syntax unless the value is quoted."""
+    value = path if re.fullmatch(r"[\w./:+-]+", path) else '"' + path.replace('"', '\\"') + '"'
+    return shlex.quote(f"ckpt_path={value}")
 
 
 def shown(path: str) -> str:
@@ -340,6 +349,10 @@ def main(cfg: DictConfig) -> float:
             raise ValueError(f"ckpt_path={cfg.ckpt_path} in a multirun: a resumed run goes on in its own folder, so "
                              "every job would continue the same run and overwrite each other's checkpoints. Resume "
                              "one run at a time: python train.py ckpt_path=<run folder>.")
+        choice = HydraConfig.get().runtime.choices.get("optimizer")
+        if choice in OPTIMIZERS and cfg.optimizer.name != choice:  # the signature check passes AdamW's own settings
+            raise ValueError(f"optimizer.name={cfg.optimizer.name} renames optimizer={choice} and keeps its settings "
+                             f"(lr {cfg.optimizer.lr}, ...): choose optimizer={cfg.optimizer.name}, which brings its own.")
         if HydraConfig.get().mode == RunMode.MULTIRUN and restarts_script(cfg):
             return run_job_in_new_process(HydraConfig.get())
         metrics = train(cfg)
@@ -350,11 +363,23 @@ def main(cfg: DictConfig) -> float:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         if not isinstance(cause, USER_ERRORS):
             raise  # a bug, not a bad input: keep the traceback
-        logging.getLogger("minigpt.errors").error("%s", cause)  # into this job's train.log (conf/hydra/job_logging)
+        message = user_message(cause)
+        for handler in logging.getLogger().handlers:  # into this job's train.log; the console gets `error:` below
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # An Exception lets Hydra run the other jobs; it reports the first failure and exits non-zero at the end.
-            raise JobFailed(f"error: {cause}") from None
-        raise SystemExit(f"error: {cause}") from None
+            raise JobFailed(f"error: {message}") from None
+        raise SystemExit(f"error: {message}") from None
+
+
+def user_message(err: BaseException) -> str:
+    """The error's own message. Raised in a DataLoader worker, it comes back with the worker's traceback in front
+    (PyTorch's ExceptionWrapper): that part is dropped, the last line, `<module>.<class>: <message>`, kept."""
+    message = str(err)
+    if "Original Traceback" in message:
+        message = message.rsplit(f"{type(err).__name__}: ", 1)[-1].strip()
+    return message
 
 
 def is_installed(module: str) -> bool:

@@ -16,17 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from minigpt import plots
 from minigpt.callbacks.attention_maps import attention_figures
 from minigpt.callbacks.gradient_health import measure
+from minigpt.checkpoint import checkpoint_path, find_checkpoint
 from minigpt.data import TextDataModule
 from minigpt.graph import check_graph_file, render_autograd_graph
-from minigpt.checkpoint import checkpoint_path, find_checkpoint
 from minigpt.module import MiniGPTModule
 from minigpt.tokenizer import unescape
 
@@ -46,8 +46,8 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
     model = module.model.eval()  # no dropout: the numbers are those of the model itself
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "inspect"
-    recorded = run_dir / ".hydra" / "config.yaml"
-    if data_from_run and recorded.is_file():
+    recorded = run_dir / ".hydra"
+    if data_from_run and path.parent.name == "checkpoints" and (recorded / "config.yaml").is_file():
         cfg = cfg.copy()
         cfg.data = recorded_data(recorded)
 
@@ -66,18 +66,24 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
     return [render_autograd_graph(model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file)]
 
 
-def recorded_data(config_file: Path) -> DictConfig:
-    """The `data` settings of a run's recorded config, resolved there (its ${model.block_size}, ${seed})."""
+def recorded_data(hydra_dir: Path) -> DictConfig:
+    """The `data` settings a run recorded in its `.hydra` folder, resolved there (its ${model.block_size}, ${seed}),
+    with relative paths made relative to the folder the run was started from, as they were for the run."""
     try:
-        return OmegaConf.create(OmegaConf.to_container(OmegaConf.load(config_file).data, resolve=True))
+        data = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml").data, resolve=True)
+        started_in = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.cwd
     except (OmegaConfBaseException, OSError) as err:
-        raise ValueError(f"Could not read the run's data settings from {config_file} ({err}): give them on the "
+        raise ValueError(f"Could not read the run's data settings from {hydra_dir} ({err}): give them on the "
                          "command line (data=..., data.path=...)") from None
+    for key in ("path", "cache_dir"):
+        if isinstance(data.get(key), str) and not data[key].startswith("~"):
+            data[key] = str(Path(started_in, data[key]))  # an absolute path stays as it is
+    return OmegaConf.create(data)
 
 
 def validation_data(cfg: DictConfig, module: MiniGPTModule) -> TextDataModule:
     datamodule = hydra.utils.instantiate(cfg.data, block_size=module.model.config.block_size,
-                                         batch_size=cfg.batch_size, seed=cfg.seed)
+                                         batch_size=cfg.batch_size)
     datamodule.prepare_data()
     datamodule.setup("validate")
     if datamodule.tokenizer.hparams() != module.tokenizer.hparams():

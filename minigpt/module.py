@@ -209,4 +209,4 @@ class MiniGPTModule(L.LightningModule):
             module.load_state_dict(checkpoint["state_dict"])
         except (TypeError, RuntimeError) as err:
             raise ValueError(f"{path} is not a minigpt checkpoint ({type(err).__name__}: {err})") from None
-        return module
+        return module.to(map_location)

@@ -119,6 +119,7 @@ def test_bad_sampling_inputs_get_a_clear_message(overrides, message, earlier_run
     (["model=huge"], r"Could not find 'model/huge'\s+Available options in 'model':\s+seed\s+small\s+tiny"),
     (["optimizer.learning_rate=1e-3"], r"Could not override 'optimizer.learning_rate'.*Key 'learning_rate' is not in struct"),
     (["data.batch_size=0"], r"^error: data.batch_size and data.block_size must be positive, got 0 and 16\n$"),
+    (["optimizer.name=muon"], r"^error: optimizer.name=muon renames optimizer=adamw .* choose optimizer=muon"),
 ])
 def test_the_command_line_prints_one_paragraph_not_a_traceback(args, message, earlier_run, text_file, tmp_path):
     before = snapshot(earlier_run)
@@ -136,7 +137,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     with open_dict(cfg_tiny):
         cfg_tiny.callbacks.step_checkpoint.every_n_train_steps = 4
         cfg_tiny.callbacks.poison = {"_target_": "tests.crash.PoisonAt", "step": 25}
-    with pytest.raises(NonFiniteLossError, match="non-finite at step 25.*Non-finite weights at step 2[5-8]: "
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 25.*weights at step 2[5-8]: "
                        "model.transformer.wte.weight.*the last checkpoint, from step 24, is the last good state.*resume with"):
         train.train(cfg_tiny)
     last = load_checkpoint(Path(cfg_tiny.run_dir) / "checkpoints" / "last.ckpt")
@@ -151,6 +152,18 @@ def test_a_run_that_diverges_before_its_first_checkpoint_is_told_to_start_again(
         train.train(cfg_tiny)
     assert "ckpt_path" not in str(err.value)  # nothing to resume from
     assert not (Path(cfg_tiny.run_dir) / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_resumed_run_that_diverges_before_saving_points_back_to_its_own_checkpoint(cfg_tiny):
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.max_steps = 20
+    train.train(cfg_tiny)
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.max_steps = 40
+        cfg_tiny.ckpt_path = cfg_tiny.run_dir
+        cfg_tiny.callbacks.poison = {"_target_": "tests.crash.PoisonAt", "step": 22}
+    with pytest.raises(NonFiniteLossError, match="the last checkpoint, from step 20, is the last good state"):
+        train.train(cfg_tiny)
 
 
 @pytest.mark.slow

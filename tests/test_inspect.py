@@ -86,18 +86,26 @@ def test_the_data_hint_offers_text_only_where_text_is_used(trained_run, tmp_path
         assert ("text=" in str(err.value)) == offers_text
 
 
-def test_a_run_folder_gives_the_data_it_was_trained_on(trained_run, cfg_tiny_global, tmp_path):
-    """A run on its own text: inspect reads that text from the run's recorded config, without data settings."""
+def test_a_run_folder_gives_the_data_it_was_trained_on(trained_run, cfg_tiny_global, text_file, tmp_path):
+    """A run on its own text: inspect reads that text, with the run's seed, from the run's recorded config, a
+    relative data.path from where the run was started, without data settings on its own command line."""
     import shutil
 
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
-    from minigpt.inspect import sets_data
+    from minigpt.inspect import recorded_data, sets_data, validation_data
+    from minigpt.module import MiniGPTModule
 
-    run = tmp_path / "run"
+    run, started_in = tmp_path / "run", tmp_path / "elsewhere"
     shutil.copytree(trained_run[0] / "checkpoints", run / "checkpoints")
+    started_in.mkdir()
+    shutil.copy(text_file, started_in / "input.txt")
+    recorded = cfg_tiny_global.copy()
+    with open_dict(recorded):
+        recorded.data.path, recorded.seed = "input.txt", 7  # as typed, in the folder the run started from
     (run / ".hydra").mkdir()
-    OmegaConf.save(cfg_tiny_global, run / ".hydra" / "config.yaml")  # as Hydra records it: interpolations kept
+    OmegaConf.save(recorded, run / ".hydra" / "config.yaml")  # as Hydra records it: interpolations kept
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(started_in)}}}, run / ".hydra" / "hydra.yaml")
     other = tmp_path / "other.txt"
     other.write_text("0123456789 " * 50)
     cfg = compose_inspect([f"ckpt_path={run}", f"data.path={other}", "what=grads", f"out_dir={tmp_path / 'out'}"])
@@ -105,6 +113,12 @@ def test_a_run_folder_gives_the_data_it_was_trained_on(trained_run, cfg_tiny_glo
         inspect(cfg, data_from_run=False)  # data set on the command line: that text, which is not the run's
     (chart,) = inspect(cfg, data_from_run=True)
     assert chart.is_file()
+    data = recorded_data(run / ".hydra")
+    assert (data.path, data.seed) == (str(started_in / "input.txt"), 7)
+    with open_dict(cfg):
+        cfg.data = data
+    module = MiniGPTModule.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert validation_data(cfg, module).hparams.seed == 7  # the run's validation windows, not inspect's seed's
     assert sets_data(["data.path=x.txt"]) and sets_data(["data=text"]) and sets_data(["+data.glob=*"])
     assert not sets_data(["what=grads", "ckpt_path=outputs/data", "dataset=x"])
 

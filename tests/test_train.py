@@ -155,6 +155,26 @@ def test_a_run_says_where_its_folder_is_and_how_to_sample_from_it(cfg_tiny, capl
     assert train.shown(str(tmp_path / "outputs" / "x")) == "outputs/x"
 
 
+@pytest.mark.parametrize("path", ["outputs/2026-11-26/06-26-12", "/m/0_optimizer=adamw,model=tiny", 'a "b" c'])
+def test_the_printed_ckpt_path_reads_back_as_the_folder(path):
+    """A multirun job's folder name has = and , which Hydra's grammar reads as syntax unless quoted."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (word,) = shlex.split(train.ckpt_path_arg(path))
+    assert OverridesParser.create().parse_override(word).value() == path
+
+
+def test_an_error_from_a_data_loader_worker_is_reported_without_the_workers_traceback():
+    from minigpt.corpus import TokenFileChanged
+
+    worker = TokenFileChanged("Caught TokenFileChanged in DataLoader worker process 0.\nOriginal Traceback (most "
+                              "recent call last):\n  File \"x.py\", line 1\nminigpt.corpus.TokenFileChanged: gone")
+    assert train.user_message(worker) == "gone"
+    assert train.user_message(ValueError("plain: message")) == "plain: message"
+
+
 def start_up_line(caplog) -> str:
     return next(r.getMessage() for r in caplog.records if r.getMessage().startswith(STARTUP))
 

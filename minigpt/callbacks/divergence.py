@@ -30,6 +30,10 @@ class StopOnNonFiniteLoss(Callback):
         self.check_every_n_steps, self.max_names = check_every_n_steps, max_names
         self._finite: list[torch.Tensor] = []  # isfinite(loss) of each batch since the last check, on the device
         self._steps: list[int] = []  # the optimizer step each of those batches belongs to
+        self._started_at = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started_at = trainer.global_step  # > 0: resumed from the checkpoint of that step
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
         self._steps.append(trainer.global_step)
@@ -78,11 +82,11 @@ class StopOnNonFiniteLoss(Callback):
         named = list(pl_module.named_parameters())
         bad_grads = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
         bad_weights = [n for n, p in named if not torch.isfinite(p).all()]
-        found = "".join(f"{what} at step {trainer.global_step}: {self._names(names)}. "
-                        for what, names in (("Parameters with non-finite gradients", bad_grads),
-                                            ("Non-finite weights", bad_weights)) if names)
+        kinds = ([("Parameters with non-finite gradients and weights", bad_grads)] if bad_grads == bad_weights else
+                 [("Parameters with non-finite gradients", bad_grads), ("Non-finite weights", bad_weights)])
+        found = "".join(f"{what} at step {trainer.global_step}: {self._names(names)}. " for what, names in kinds if names)
         fixes = "a lower optimizer.lr, more warmup (scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val)"
-        saved = last_saved_step(trainer)
+        saved = max(last_saved_step(trainer), self._started_at)  # a resumed run's own checkpoint counts too
         if not saved:
             return f"{found}The run was stopped before it saved a checkpoint. Start again with {fixes}."
         return (f"{found}The run was stopped and nothing non-finite was saved: the last checkpoint, from step {saved}, "

@@ -128,9 +128,9 @@ class GradientHealth(Callback):
         # Straight to the loggers (which write on rank zero only), at the step Lightning gives the training loss:
         # `self.log` costs about a millisecond of bookkeeping per value, and these are ~100 plain floats.
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        self.latest = (trainer.global_step, layers)
-        self.warn(trainer.global_step, layers)
+            logger.log_metrics(metrics, step=trainer.global_step)  # the run's loggers put it at the step it makes
+        self.latest = (trainer.global_step + 1, layers)  # named by the step these gradients make, as logged
+        self.warn(trainer.global_step + 1, layers)
 
     def warn(self, step: int, layers: list[LayerStats]) -> None:
         vanished = [f"{s.name} ({s.grad_norm:.1e})" for s in layers if s.grad_norm <= self.vanish_below]
