@@ -24,6 +24,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -134,7 +135,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.interrupted:
             saved = max(last_saved_step(trainer), checkpoint["global_step"] if checkpoint is not None else 0)
             log.info("Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py %s "
-                     "(and the same settings)", trainer.global_step, saved, ckpt_path_arg(cfg.run_dir))
+                     "(and the same settings)", trainer.global_step, saved, ckpt_path_arg(shown(cfg.run_dir)))
         raise
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
@@ -148,11 +149,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def hydra_value(text: str) -> str:
+    """`text` as an override's value that Hydra reads back unchanged: quoted (by Hydra's own rules) unless it holds
+    only path characters. A multirun job's folder name holds `=` and `,`, which its grammar takes for syntax."""
+    return text if re.fullmatch(r"[\w./:+-]+", text) else QuotedString(text=text, quote=Quote.double).with_quotes()
+
+
 def ckpt_path_arg(path: str) -> str:
-    """`ckpt_path=<path>` as one shell word that Hydra reads back as `path`: a multirun job's folder name holds `=`
-    and `,`, which Hydra's override grammar takes for syntax unless the value is quoted."""
-    value = path if re.fullmatch(r"[\w./:+-]+", path) else '"' + path.replace('"', '\\"') + '"'
-    return shlex.quote(f"ckpt_path={value}")
+    """`ckpt_path=<path>` as one shell word, to print in a command for the user to run."""
+    return shlex.quote(f"ckpt_path={hydra_value(path)}")
 
 
 def shown(path: str) -> str:
@@ -304,10 +309,10 @@ def job_command(job: HydraConfig) -> list[str]:
     command += [f"--config-dir={source.path}" for source in job.runtime.config_sources
                 if source.provider == "command-line"]
     command += [o for o in job.overrides.hydra if not o.lstrip("+~").startswith(SWEEP_SETTINGS)]
-    job_dir = job.runtime.output_dir.replace('"', '\\"')  # quoted, as its name holds = and ,
     # hydra.output_subdir=null keeps the job's .hydra (its overrides, for `minigpt.report`); both log to train.log.
     # hydra.mode=RUN: a config can ask for a multirun itself (hparams_search/*.yaml do).
-    return command + [*job.overrides.task, f'hydra.run.dir="{job_dir}"', "hydra.output_subdir=null", "hydra.mode=RUN"]
+    return command + [*job.overrides.task, f"hydra.run.dir={hydra_value(job.runtime.output_dir)}",
+                      "hydra.output_subdir=null", "hydra.mode=RUN"]
 
 
 def run_job_in_new_process(job: HydraConfig) -> float:

@@ -37,4 +37,3 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-

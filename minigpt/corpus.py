@@ -122,6 +122,10 @@ class TokenFileChanged(RuntimeError):
     """The token file a run reads was removed or replaced (its corpus re-tokenized) after the run started."""
 
 
+RESUME_HINT = ("Resume the run (python train.py ckpt_path=<its run folder>, the same settings): it tokenizes the data "
+               "as it is now, and is refused if the vocabulary changed; or restart the run without ckpt_path.")
+
+
 @dataclass(frozen=True)
 class TokenFile:
     """Tokens `start` to `stop` of a token file, indexed like a 1-D CPU tensor of int64: `len()`, a slice, or a
@@ -165,13 +169,13 @@ class TokenFile:
             try:
                 fd = os.open(self.path, os.O_RDONLY)
             except OSError as err:
-                raise TokenFileChanged(f"The token file {self.path} this run trains on is gone ({err.strerror}): "
-                                       "restart the run, which tokenizes its data again.") from None
+                raise TokenFileChanged(f"The token file {self.path} this run trains on is gone ({err.strerror}). "
+                                       f"{RESUME_HINT}") from None
             stat = os.fstat(fd)
             if (stat.st_dev, stat.st_ino) != self.identity:
                 os.close(fd)
                 raise TokenFileChanged(f"The token file {self.path} was rebuilt after this run started (its source "
-                                       "files changed): restart the run, which reads the new one.")
+                                       f"files changed). {RESUME_HINT}")
             _OPEN_FILES[key] = fd
         return _OPEN_FILES[key]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -132,7 +133,7 @@ def gradient_table(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 def sets_data(overrides: list[str]) -> bool:
     """Whether command-line overrides choose the data (data=text, data.path=..., +data.x=..., ~data.y)."""
-    return any(o.lstrip("+~").split("=")[0].split(".")[0] == "data" for o in overrides)
+    return any(o.key_or_group.split(".")[0] == "data" for o in OverridesParser.create().parse_overrides(overrides))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inspect")
