@@ -139,8 +139,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    best = next((c.best_model_score for c in callbacks if isinstance(c, ModelCheckpoint) and c.best_model_score is not None), None)
-    metrics["val/loss_best"] = float(best) if best is not None else metrics.get("val/loss", float("nan"))
+    metrics["val/loss_best"] = module.best_val_loss  # this fit's validations and those before its checkpoint
     metrics["step"] = trainer.global_step
     log.info("Finished at step %d: val/loss %.4f, best val/loss %.4f. Run folder: %s", trainer.global_step,
              metrics.get("val/loss", float("nan")), metrics["val/loss_best"], shown(cfg.run_dir))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from minigpt.atomic import atomic_write
@@ -180,7 +181,13 @@ class WindowsDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False)
+        trainer, sampler = self.trainer, None
+        if trainer is not None and 1 < trainer.world_size <= len(self.val_set):
+            # Under DDP each rank validates its share of the windows, each window once: Lightning's default sampler
+            # would pad the shares to equal length by repeating windows, and val/loss would weigh those twice.
+            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False)
 
 
 class TextDataModule(WindowsDataModule):

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.text import Perplexity
 
 from minigpt.checkpoint import hyper_parameters, load_checkpoint
@@ -102,9 +103,18 @@ class MiniGPTModule(L.LightningModule):
         self.save_hyperparameters({**self.tokenizer.hparams(), "model": dict(model or {}), "optimizer": optimizer,
                                    "scheduler": scheduler})
         self.model = GPT(GPTConfig(vocab_size=self.tokenizer.vocab_size, **self.hparams.model))
+        # Validation loss as metrics that sync across DDP ranks: the mean over every window (each rank validates its
+        # share), and the lowest of the run, resumes included, which sweeps minimise (lightning-hydra-template's way).
+        # A non-finite loss shows in the mean instead of being skipped ("disable" would also drop the weights in
+        # torchmetrics 1.9, making the last, shorter batch count as much as a full one).
+        self.val_loss = MeanMetric(nan_strategy=float("nan"))
+        self.val_loss_best = MinMetric(nan_strategy="ignore")
         self.val_ppl = Perplexity()
-        self._train_loss_sum: torch.Tensor | None = None  # since the last validation, for the console line
+        self._step_loss: torch.Tensor | None = None  # summed over the micro-batches of this optimizer step
+        self._micro_batches = 0
+        self._train_loss_sum: torch.Tensor | None = None  # over the optimizer steps since the last validation
         self._train_loss_count = 0
+        self._restored_best: float | None = None  # from a checkpoint, applied when training starts
         self._rng_states: dict[str, torch.Tensor] | None = None  # from a checkpoint, applied when training starts
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -115,15 +125,25 @@ class MiniGPTModule(L.LightningModule):
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
+    @property
+    def best_val_loss(self) -> float:
+        """The lowest val/loss of the run so far (nan before its first validation)."""
+        best = float(self.val_loss_best.min_value)  # the same on every rank: each update was a synced mean
+        return best if math.isfinite(best) else float("nan")
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
-        # self.log costs ~1 ms of Python per call (Lightning moves its result state every time), which on a GPU
-        # stalls small models; log only on the steps that are written, which is all the loggers would keep.
-        if self._is_logging_step():  # under DDP, the mean over every rank's batch (one all-reduce per logged step)
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self._train_loss_sum = loss.detach() + (self._train_loss_sum if self._train_loss_count else 0.0)
-        self._train_loss_count += 1
+        self._step_loss = loss.detach() + (self._step_loss if self._micro_batches else 0.0)
+        self._micro_batches += 1
+        if self._micro_batches == self.trainer.accumulate_grad_batches:  # the optimizer steps after this batch
+            step_loss, self._micro_batches = self._step_loss / self._micro_batches, 0
+            self._train_loss_sum = step_loss + (self._train_loss_sum if self._train_loss_count else 0.0)
+            self._train_loss_count += 1
+            # self.log costs ~1 ms of Python per call (Lightning moves its result state every time), which on a GPU
+            # stalls small models; log only on the steps that are written, which is all the loggers would keep.
+            if self._is_logging_step():  # the step's mean over its micro-batches and every rank's (one all-reduce)
+                self.log("train/loss", step_loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -132,15 +152,24 @@ class MiniGPTModule(L.LightningModule):
         # a few validation batches run as fast so, and need no second compilation for eval mode and a shorter batch.
         with eager():
             logits, loss = self.model.forward(x, y)
+        self.val_loss.update(loss, weight=x.size(0))  # every window has block_size tokens: a mean over windows
         self.val_ppl.update(logits.float(), y)  # under bf16 autocast the logits are bf16: too coarse for a softmax
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # mean over the fixed validation windows
         self.log("val/ppl", self.val_ppl)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # over every rank's windows
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # (already synced: the same value on every rank)
+        if not self.trainer.sanity_checking:
+            self.val_loss_best.update(loss)
+            self.log("val/loss_best", self.val_loss_best.compute(), sync_dist=True)
 
     def on_validation_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        train_loss = self._train_loss_sum / self._train_loss_count if self._train_loss_count else float("nan")
-        self._train_loss_count = 0
+        count, self._train_loss_count = self._train_loss_count, 0
+        train_loss = self._train_loss_sum / count if count else torch.tensor(float("nan"), device=self.device)
+        train_loss = self.trainer.strategy.reduce(train_loss, reduce_op="mean")  # over every rank's batches
         rank_zero_info(
             f"step {self.global_step}: train/loss {train_loss:.4f} (mean since last validation), "
             f"val/loss {self.trainer.callback_metrics['val/loss']:.4f}"
@@ -161,9 +190,11 @@ class MiniGPTModule(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()
+        checkpoint["val_loss_best"] = self.best_val_loss
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
+        self._restored_best = checkpoint.get("val_loss_best")
 
     def on_train_start(self) -> None:
         # Restored here, not on load: creating the data loaders draws from the generator in between.
@@ -172,6 +203,9 @@ class MiniGPTModule(L.LightningModule):
             torch.set_rng_state(states["torch"])
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state(states["cuda"])
+        best, self._restored_best = self._restored_best, None
+        if best is not None and math.isfinite(best):  # the metric's state is on the training device by now
+            self.val_loss_best.update(torch.tensor(best, device=self.device))
 
     def configure_optimizers(self):
         settings = dict(self.hparams.optimizer)

@@ -22,10 +22,13 @@ from minigpt.module import MiniGPTModule
 from tests.conftest import ROOT, TINY, compose_sample, compose_train
 
 # 24 steps of 2 accumulated batches, validated every 12 batches (6 steps), last.ckpt also every 4 steps in
-# between; dropout on, so the generator state matters as much as the sampler's
-RESUMABLE = [o for o in TINY if not o.startswith(("trainer.val_check_interval", "trainer.max_steps"))] + [
+# between; dropout on, so the generator state matters as much as the sampler's; attention maps at the 1st and 4th
+# validation (steps 6 and 24), so a resume from step 12 or 16 must remember the validations before it
+RESUMABLE = [o for o in TINY if not o.startswith(("trainer.val_check_interval", "trainer.max_steps",
+                                                  "callbacks.attention_maps"))] + [
     "trainer.max_steps=24", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=12",
     "trainer.log_every_n_steps=2", "callbacks.step_checkpoint.every_n_train_steps=4", "model.dropout=0.1",
+    "callbacks.attention_maps.every_n_validations=3",
 ]
 
 
@@ -39,6 +42,13 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def image_steps(run_dir: Path) -> dict[str, list[int]]:
+    """The steps of every logged picture, as TensorBoard shows them."""
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
 
 
 @pytest.mark.slow
@@ -73,6 +83,9 @@ def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path
         curve, expected_curve = scalars(run_dir), scalars(tmp_path / "a")
         assert curve["val/loss"][-1] == expected_curve["val/loss"][-1]  # the same final val/loss, exactly
         assert curve == expected_curve, name
+        assert curve["val/loss_best"] == expected_curve["val/loss_best"]  # the best before the kill was kept
+        assert image_steps(run_dir) == image_steps(tmp_path / "a"), name  # the same validations drawn
+        assert image_steps(run_dir)["attention/layer_0"] == [6, 24]
         assert not (tmp_path / f"{name}_resume_log" / "checkpoints").exists()  # nothing went to a new folder
 
 

@@ -23,6 +23,8 @@ from minigpt.callbacks.batch_fingerprints import fingerprint
 from minigpt.callbacks.divergence import NonFiniteLossError, StopOnNonFiniteLoss
 from minigpt.data import RandomWindows
 from minigpt.checkpoint import load_checkpoint
+from minigpt.module import MiniGPTModule
+from minigpt.report import read_scalars
 from tests.conftest import CONF, ROOT, TINY, compose_train
 
 DDP = [o for o in TINY if o != "trainer=cpu"] + ["trainer=ddp_cpu"]  # two processes over gloo
@@ -142,10 +144,11 @@ def test_other_ranks_get_no_log_file_and_other_logging_choices_replace_rank_zero
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resumes_on_one(text_file, tmp_path):
     run_dir = tmp_path / "run"
-    run(DDP + [f"data.path={text_file}", f"hydra.run.dir={run_dir}"])
+    whole_split = ["data.val_batches=null"]  # 85 windows: one more on rank 0 than on rank 1
+    run(DDP + whole_split + [f"data.path={text_file}", f"hydra.run.dir={run_dir}"])
 
     # each rank drew the windows of its own stream: rank r's first batch is RandomWindows(rank=r)'s first batch
-    cfg = compose_train(DDP + [f"data.path={text_file}"])
+    cfg = compose_train(DDP + whole_split + [f"data.path={text_file}"])
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup()
     expected = [f"{fingerprint(next(iter(RandomWindows(datamodule.train_tokens, 16, 8, cfg.seed, rank)))[0]):016x}"
@@ -164,6 +167,15 @@ def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resume
     hparams = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())
     assert hparams["global_batch"] == {"windows": 16, "tokens": 256, "devices": 2, "num_nodes": 1}
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 40
+
+    # the ranks validated their shares of the windows, each window once: val/loss is the one-process mean
+    x, y = datamodule.val_set.tensors
+    assert len(x) % 2 == 1  # shares of unequal length, which Lightning's own sampler would even out with a repeat
+    module = MiniGPTModule.from_checkpoint(run_dir / "checkpoints" / "last.ckpt").eval()
+    with torch.no_grad():
+        expected_loss = module(x, y)[1].item()
+    logged = read_scalars(run_dir / "tensorboard")[0]["val/loss"]
+    assert dict(zip(logged.steps, logged.values))[40] == pytest.approx(expected_loss, abs=1e-5)
 
     # the DDP checkpoint resumes on one process, in the same folder
     resume = compose_train(TINY + [f"data.path={text_file}", f"ckpt_path={run_dir}", "trainer.max_steps=60"])

@@ -4,11 +4,13 @@ import logging
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.utils import counters
@@ -18,6 +20,7 @@ from minigpt.callbacks.startup import PREFIX as STARTUP, parse_startup
 from minigpt.checkpoint import find_checkpoint, read_model
 from minigpt.data import WindowsDataModule
 from minigpt.module import warmup_cosine
+from minigpt.report import read_scalars
 from tests.conftest import CONF, ROOT, compose_train
 
 GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir()}
@@ -45,6 +48,36 @@ def test_short_run_lowers_val_loss_and_writes_checkpoint_and_events(trained_run)
     for event in events.Scalars("train/lr/decay"):  # the warmup-cosine schedule, stepped per optimizer step
         # at the step the rate made: the update from step event.step - 1 to event.step
         assert event.value == pytest.approx(3e-3 * warmup_cosine(event.step - 1, 5, 40, 0.1), rel=1e-4), event.step
+
+
+def test_val_loss_best_is_the_lowest_validation_also_without_a_checkpoint_callback(cfg_tiny):
+    with open_dict(cfg_tiny):  # a learning rate high enough for the last validation not to be the best
+        cfg_tiny.optimizer.lr, cfg_tiny.scheduler.name = 0.1, "constant"
+        cfg_tiny.trainer.val_check_interval = 5
+        del cfg_tiny.callbacks.model_checkpoint  # as in the speed runs and callbacks=none
+    metrics = train.train(cfg_tiny)
+    val = read_scalars(Path(cfg_tiny.run_dir) / "tensorboard")[0]["val/loss"].values
+    assert len(val) == 8 and min(val) < val[-1]
+    assert metrics["val/loss_best"] == pytest.approx(min(val)) and metrics["val/loss"] == pytest.approx(val[-1])
+
+
+class MicroBatchLosses(Callback):
+    losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        MicroBatchLosses.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)  # Lightning divides
+
+
+def test_under_accumulation_train_loss_is_the_mean_over_the_steps_micro_batches(cfg_tiny):
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.update(max_steps=6, accumulate_grad_batches=2, val_check_interval=6, log_every_n_steps=1)
+        cfg_tiny.callbacks.micro_batches = {"_target_": f"{__name__}.MicroBatchLosses"}
+    MicroBatchLosses.losses = []
+    train.train(cfg_tiny)
+    logged = read_scalars(Path(cfg_tiny.run_dir) / "tensorboard")[0]["train/loss"]
+    pairs = MicroBatchLosses.losses
+    assert logged.steps == [1, 2, 3, 4, 5, 6] and len(pairs) == 12
+    assert logged.values == pytest.approx([(a + b) / 2 for a, b in zip(pairs[::2], pairs[1::2])], rel=1e-6)
 
 
 def test_sample_prints_text_that_starts_with_the_prompt(trained_run):

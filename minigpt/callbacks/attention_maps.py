@@ -43,6 +43,13 @@ class AttentionMaps(Callback):
         self.dirpath = Path(dirpath) if dirpath else None
         self.validations = 0
 
+    # Kept in checkpoints, so that a resumed run draws at the validations an uninterrupted one would.
+    def state_dict(self) -> dict[str, int]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.validations = state_dict["validations"]
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return

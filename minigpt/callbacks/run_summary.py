@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from minigpt.report import best, loss_curve_title, read_scalars, write_loss_curve
+from minigpt.report import loss_curve_title, read_scalars, write_loss_curve
 
 
 def global_batch(trainer: L.Trainer, batch_size: int, block_size: int) -> dict[str, int]:
@@ -37,7 +37,7 @@ class RunSummary(Callback):
         scalars, _ = read_scalars(logger.log_dir)
         if self.dirpath is not None:
             write_loss_curve(scalars, self.dirpath / "loss_curve.png", loss_curve_title(self.dirpath, scalars))
-        value, _ = best(scalars.get("val/loss"))
+        value = pl_module.best_val_loss
         if not math.isnan(value):
             params = self.hyperparameters(trainer, pl_module)
             # in Lightning's count, which the run's loggers turn into the steps done (minigpt/loggers.py)
