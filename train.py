@@ -9,9 +9,8 @@ LAUNCHED = time.perf_counter()  # before the imports below, which take seconds: 
 import importlib.util  # noqa: E402
 import json
 import logging
+import math
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -42,6 +40,7 @@ from minigpt.corpus import TokenFileChanged
 from minigpt.data import WindowsDataModule
 from minigpt.model import check_compile, compile_model
 from minigpt.module import OPTIMIZERS, MiniGPTModule
+from minigpt.run_folder import ckpt_path_arg, hydra_value, shown
 
 log = logging.getLogger(__name__)
 
@@ -146,23 +145,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.checkpoint_callbacks:
         log.info("Generate text from it: python sample.py %s", ckpt_path_arg(shown(cfg.run_dir)))
     return metrics
-
-
-def hydra_value(text: str) -> str:
-    """`text` as an override's value that Hydra reads back unchanged: quoted (by Hydra's own rules) unless it holds
-    only path characters. A multirun job's folder name holds `=` and `,`, which its grammar takes for syntax."""
-    return text if re.fullmatch(r"[\w./:+-]+", text) else QuotedString(text=text, quote=Quote.double).with_quotes()
-
-
-def ckpt_path_arg(path: str) -> str:
-    """`ckpt_path=<path>` as one shell word, to print in a command for the user to run."""
-    return shlex.quote(f"ckpt_path={hydra_value(path)}")
-
-
-def shown(path: str) -> str:
-    """`path` as a user would type it here: relative to the working directory when it lies below it."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
 
 
 def take_launch_time() -> float:
@@ -362,7 +344,8 @@ def main(cfg: DictConfig) -> float:
         metrics = train(cfg)
         if os.environ.get(METRICS_FILE) and rank_zero_only.rank == 0:  # a job run by run_job_in_new_process
             Path(os.environ[METRICS_FILE]).write_text(json.dumps(metrics))
-        return metrics["val/loss_best"]  # the value a Hydra sweeper minimises
+        # the value a Hydra sweeper minimises; a run that never validated ranks last (Optuna refuses a nan)
+        return metrics["val/loss_best"] if not math.isnan(metrics["val/loss_best"]) else math.inf
     except Exception as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         if not isinstance(cause, USER_ERRORS):
@@ -372,6 +355,9 @@ def main(cfg: DictConfig) -> float:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            if isinstance(cause, NonFiniteLossError):  # an outcome, not a mistake: the sweep goes on and ranks it last
+                print(f"error: {message} In this sweep the job scores inf.", file=sys.stderr)
+                return math.inf
             # An Exception lets Hydra run the other jobs; it reports the first failure and exits non-zero at the end.
             raise JobFailed(f"error: {message}") from None
         raise SystemExit(f"error: {message}") from None

@@ -115,6 +115,24 @@ def test_bad_sampling_inputs_get_a_clear_message(overrides, message, earlier_run
 
 
 @pytest.mark.slow
+def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_written(earlier_run, text_file):
+    (earlier_run / ".hydra").mkdir()
+    (earlier_run / ".hydra" / "config.yaml").write_text("seed: 1\n")  # the earlier run's record, which Hydra would replace
+    before = snapshot(earlier_run)
+    for args, message in [
+        ([f"hydra.run.dir={earlier_run}"], f"error: hydra.run.dir={earlier_run} already holds a run .*checkpoints/"
+                                           f".* Resume that run with: python train.py ckpt_path={earlier_run}"),
+        (["-m", f"hydra.sweep.dir={earlier_run.parent}"], f"error: hydra.sweep.dir={earlier_run.parent} already "
+                                                           "holds the runs of 1 jobs .*in earlier\\)"),
+    ]:
+        out = subprocess.run([sys.executable, "train.py", *args, *TINY, f"data.path={text_file}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert re.search(message, out.stderr), out.stderr
+        assert snapshot(earlier_run) == before  # .hydra included: refused before Hydra writes
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["model=huge"], r"Could not find 'model/huge'\s+Available options in 'model':\s+seed\s+small\s+tiny"),
     (["optimizer.learning_rate=1e-3"], r"Could not override 'optimizer.learning_rate'.*Key 'learning_rate' is not in struct"),
@@ -167,18 +185,20 @@ def test_a_resumed_run_that_diverges_before_saving_points_back_to_its_own_checkp
 
 
 @pytest.mark.slow
-def test_a_multirun_of_8_jobs_keeps_each_jobs_files_apart_and_survives_a_diverging_job(text_file, tmp_path):
+def test_a_multirun_of_8_jobs_keeps_each_jobs_files_apart_and_survives_a_diverging_and_a_failing_job(text_file, tmp_path):
     # few overrides: each is part of the job folder's name, which must stay under the file system's 255 bytes
     overrides = ["model=tiny", "trainer=cpu", "trainer.max_steps=20", "trainer.val_check_interval=10", "data.batch_size=8",
                  "data.val_batches=2", "logger=csv", "~callbacks.progress_bar"]
     out = subprocess.run(
-        [sys.executable, "train.py", "-m", "optimizer.lr=1e-3,3e-3,1e-2,1e6", "seed=1,2", *overrides,
+        [sys.executable, "train.py", "-m", "optimizer.lr=1e-3,3e-3,1e6,-1", "seed=1,2", *overrides,
          f"data.path={text_file}", f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
-    assert out.returncode == 1, out.stderr[-3000:]  # a job failed, and the sweep says so
-    assert re.search(r"Error executing job with overrides: \['optimizer.lr=1000000.0', 'seed=1'", out.stderr)
-    assert "error: train/loss became non-finite at step" in out.stderr
+    assert out.returncode == 1, out.stderr[-3000:]  # a job failed on a bad input, and the sweep says so
+    assert re.search(r"Error executing job with overrides: \['optimizer.lr=-1', 'seed=1'", out.stderr)
+    # a diverged job is a result: it says so, scores inf, and is not what fails the sweep
+    assert out.stderr.count("error: train/loss became non-finite at step") == 2
+    assert out.stderr.count("In this sweep the job scores inf") == 2 and "'optimizer.lr=1000000.0'" not in out.stderr
     jobs = sorted((p for p in tmp_path.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_", 1)[0]))
     assert len(jobs) == 8
     for job in jobs:
@@ -188,6 +208,9 @@ def test_a_multirun_of_8_jobs_keeps_each_jobs_files_apart_and_survives_a_divergi
         log = (job / "train.log").read_text()
         if float(lr) == 1e6:
             assert "became non-finite at step" in log and not (job / "checkpoints" / "last.ckpt").exists()
+            continue
+        if float(lr) == -1:
+            assert "optimizer.lr must be positive, got -1" in log and not (job / "checkpoints").exists()
             continue
         assert "Finished at step 20" in log and "non-finite" not in log
         checkpoint = load_checkpoint(job / "checkpoints" / "last.ckpt")

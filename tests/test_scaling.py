@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import re
 import subprocess
 import sys
@@ -229,3 +230,17 @@ def test_an_optuna_search_of_three_trials_returns_the_best_trial(text_file, tmp_
     best = min(best_val_loss, key=best_val_loss.get)
     assert results["best_value"] == pytest.approx(best_val_loss[best], abs=1e-6)
     assert best.split("_", 1)[1] == ",".join(f"{k}={v}" for k, v in results["best_params"].items())
+
+
+@pytest.mark.slow
+def test_diverged_trials_score_inf_and_the_search_goes_on(text_file, tmp_path):
+    overrides = [o for o in TINY if not o.startswith(("optimizer.", "callbacks."))] + [
+        "trainer.max_steps=10", "trainer.val_check_interval=5", "logger=csv", "~callbacks.computation_graph",
+        "~callbacks.attention_maps", "~callbacks.text_samples"]
+    search = ["hydra.sweeper.params={optimizer.lr:'interval(1e5,1e6)'}", "hydra.sweeper.n_trials=2"]  # all diverge
+    out = run(["hparams_search=lr_wd", *search, *overrides, f"data.path={text_file}", f"hydra.sweep.dir={tmp_path}",
+               short_job_names(overrides + ["hparams_search"])])
+    assert out.stderr.count("became non-finite") == 2 and "In this sweep the job scores inf" in out.stderr
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # the second trial ran after the first diverged
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert results["best_value"] == math.inf and results["best_params"]["optimizer.lr"] >= 1e5

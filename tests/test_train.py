@@ -21,6 +21,7 @@ from minigpt.checkpoint import find_checkpoint, read_model
 from minigpt.data import WindowsDataModule
 from minigpt.module import warmup_cosine
 from minigpt.report import read_scalars
+from minigpt.run_folder import ckpt_path_arg, shown
 from tests.conftest import CONF, ROOT, compose_train
 
 GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir()}
@@ -185,7 +186,7 @@ def test_a_run_says_where_its_folder_is_and_how_to_sample_from_it(cfg_tiny, capl
     assert messages[-2].startswith("Finished at step 2") and messages[-2].endswith(f"Run folder: {cfg_tiny.run_dir}")
     assert messages[-1] == f"Generate text from it: python sample.py ckpt_path={cfg_tiny.run_dir}"
     monkeypatch.chdir(tmp_path)  # below the working directory, as outputs/ is: the path a user would type
-    assert train.shown(str(tmp_path / "outputs" / "x")) == "outputs/x"
+    assert shown(str(tmp_path / "outputs" / "x")) == "outputs/x"
 
 
 @pytest.mark.parametrize("path", ["outputs/2026-11-26/06-26-12", "/m/0_optimizer=adamw,model=tiny", 'a "b" c'])
@@ -195,7 +196,7 @@ def test_the_printed_ckpt_path_reads_back_as_the_folder(path):
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    (word,) = shlex.split(train.ckpt_path_arg(path))
+    (word,) = shlex.split(ckpt_path_arg(path))
     assert OverridesParser.create().parse_override(word).value() == path
 
 

@@ -1,0 +1,75 @@
+"""A run's folder: naming it back to the user, and refusing to start a new run in one that already holds a run.
+
+A second run in a used folder would overwrite the first one's checkpoints, and TensorBoard, the loss curve and the
+sweep report would read both runs' events as one. Hydra writes the run's `.hydra` record into the folder before
+the task starts, so the check is a Hydra callback (conf/train.yaml, `hydra.callbacks`), which runs before that.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.types import Quote, QuotedString
+from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+# What a run leaves that a second run in its folder would overwrite or mix with its own
+RUN_OUTPUTS = ("checkpoints/*.ckpt", "tensorboard/events.out.tfevents.*", "csv/metrics.csv")
+
+
+def hydra_value(text: str) -> str:
+    """`text` as an override's value that Hydra reads back unchanged: quoted (by Hydra's own rules) unless it holds
+    only path characters. A multirun job's folder name holds `=` and `,`, which its grammar takes for syntax."""
+    return text if re.fullmatch(r"[\w./:+-]+", text) else QuotedString(text=text, quote=Quote.double).with_quotes()
+
+
+def ckpt_path_arg(path: str) -> str:
+    """`ckpt_path=<path>` as one shell word, to print in a command for the user to run."""
+    return shlex.quote(f"ckpt_path={hydra_value(path)}")
+
+
+def shown(path: str) -> str:
+    """`path` as a user would type it here: relative to the working directory when it lies below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def run_outputs(folder: Path) -> list[Path]:
+    """The checkpoints, event files and metrics an earlier run left in `folder`."""
+    return sorted(p for pattern in RUN_OUTPUTS for p in folder.glob(pattern))
+
+
+class RefuseUsedRunFolder(Callback):
+    """Refuse a new run (not a resume) whose folder, or a new multirun whose job folders, already hold a run."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A DDP run's other ranks are started with rank zero's folder, which it has begun to write by then.
+        folder = Path(config.hydra.run.dir)
+        if config.get("ckpt_path") or rank_zero_only.rank != 0 or not (found := run_outputs(folder)):
+            return
+        where = shown(str(folder))
+        listed = ", ".join(shown(str(p)) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        # SystemExit: Hydra turns an Exception raised in a callback into a warning and goes on
+        raise SystemExit(
+            f"error: hydra.run.dir={where} already holds a run ({listed}): a new one there would overwrite its "
+            f"checkpoints and mix its curves with the new run's. Resume that run with: python train.py "
+            f"{ckpt_path_arg(where)} (and its settings), or start the new one in another folder (another "
+            f"hydra.run.dir, or none for a new dated one), or delete {where} first."
+        )
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        jobs = [job for job in sorted(sweep.iterdir()) if job.is_dir() and run_outputs(job)] if sweep.is_dir() else []
+        if jobs:
+            where = shown(str(sweep))
+            raise SystemExit(
+                f"error: hydra.sweep.dir={where} already holds the runs of {len(jobs)} jobs (checkpoints or "
+                f"TensorBoard events in {jobs[0].name}{' and others' if len(jobs) > 1 else ''}): a new sweep there "
+                "would overwrite them and mix their curves with its own. Start it in another folder (another "
+                f"hydra.sweep.dir, or none for a new dated one), or delete {where} first."
+            )
