@@ -158,8 +158,8 @@ class WindowsDataModule(L.LightningDataModule):
         hp, T = self.hparams, self.hparams.block_size
         if hp.val_batches is None:  # the whole split, in non-overlapping windows
             starts = torch.arange(0, len(self.val_tokens) - T, T)
-        else:  # a fixed sample: the generator is seeded independently of training
-            generator = torch.Generator().manual_seed(hp.seed)
+        else:  # a fixed sample, drawn by a generator of its own: the same windows whatever the training seed
+            generator = torch.Generator().manual_seed(hp.val_seed)
             starts = torch.randint(len(self.val_tokens) - T, (hp.val_batches * hp.batch_size,), generator=generator)
         return windows(self.val_tokens, starts, T)
 
@@ -205,6 +205,7 @@ class TextDataModule(WindowsDataModule):
         train_fraction: float = 0.9,
         val_batches: int | None = 10,
         seed: int = 1337,
+        val_seed: int = 1337,
         tokens_on_gpu: bool = True,
     ):
         super().__init__()
@@ -250,6 +251,7 @@ class CorpusDataModule(WindowsDataModule):
         train_fraction: float = 0.9,
         val_batches: int | None = 10,
         seed: int = 1337,
+        val_seed: int = 1337,
         num_workers: int = 0,
     ):
         super().__init__()

@@ -55,7 +55,7 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
     if cfg.what == "grads":
         x, y = validation_batch(cfg, module)
         print(gradient_table(model, x, y))
-        _, layers = measure(model, lr_of={})
+        _, layers = measure(model)
         figure = plots.gradient_flow([s.name for s in layers], [s.mean_abs for s in layers],
                                      [s.max_abs for s in layers], f"gradient flow of {path.name} on one batch")
         return [plots.save(figure, out_dir / "gradient_flow.png")]

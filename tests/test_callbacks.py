@@ -6,6 +6,7 @@ import logging
 import math
 import shutil
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,21 +49,45 @@ def test_parameters_are_grouped_into_the_layers_a_reader_thinks_in(model_with_gr
     assert layer_of("transformer.h.1.ln_2.weight") == "h.1.mlp" and layer_of("transformer.h.0.ln_1.bias") == "h.0.attn"
 
 
-def test_layer_statistics_and_update_ratio(model_with_gradients):
+def test_layer_statistics(model_with_gradients):
     model = model_with_gradients
-    lr_of = {id(p): 0.1 for p in model.parameters()}
-    param_norms, layers = measure(model, lr_of)
+    grad_norms, layers = measure(model)
     by_name = {s.name: s for s in layers}
     ln_f = [p for n, p in model.named_parameters() if n.startswith("transformer.ln_f")]
     grad_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ln_f]))
-    weight_norm = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in ln_f]))
     assert by_name["ln_f"].grad_norm == pytest.approx(float(grad_norm), rel=1e-5)
-    assert by_name["ln_f"].update_ratio == pytest.approx(float(0.1 * grad_norm / weight_norm), rel=1e-5)
     head = model.lm_head.weight.grad
     assert by_name["lm_head"].mean_abs == pytest.approx(float(head.abs().mean()), rel=1e-5)
     assert by_name["lm_head"].max_abs == pytest.approx(float(head.abs().max()), rel=1e-5)
-    total = math.sqrt(sum(v**2 for v in param_norms.values()))
+    total = math.sqrt(sum(v**2 for v in grad_norms.values()))
     assert total == pytest.approx(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))), rel=1e-5)
+
+
+def test_update_ratio_is_the_optimizers_actual_step_against_the_weights(model_with_gradients):
+    model = model_with_gradients
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    logged = {}
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({(k, step): v for k, v in metrics.items()}))
+    trainer = SimpleNamespace(global_step=9, is_global_zero=True, loggers=[logger])
+    module = SimpleNamespace(model=model)
+    health = GradientHealth(every_n_steps=10)
+    ln_f = [p for n, p in model.named_parameters() if n.startswith("transformer.ln_f")]
+    before = [p.detach().clone() for p in ln_f]
+
+    health.on_before_optimizer_step(trainer, module, optimizer)  # step 10 is a measured one
+    optimizer.step()
+    trainer.global_step = 10
+    health.on_train_batch_end(trainer, module, None, None, 0)
+    health.on_train_batch_end(trainer, module, None, None, 1)  # once per measured step
+
+    moved = torch.linalg.vector_norm(torch.cat([(p.detach() - w).flatten() for p, w in zip(ln_f, before)]))
+    size = torch.linalg.vector_norm(torch.cat([w.flatten() for w in before]))
+    ratios = {key: value for key, value in logged.items() if key[0].startswith("grad/update_ratio/")}
+    assert set(ratios) == {(f"grad/update_ratio/{layer}", 9) for layer in LAYERS}  # Lightning's count for step 10
+    assert ratios[("grad/update_ratio/ln_f", 9)] == pytest.approx(float(moved / size), rel=1e-5)
+    # Adam's first step moves each weight by about lr, whatever its gradient: not lr * |grad| / |w|
+    grad = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ln_f]))
+    assert ratios[("grad/update_ratio/ln_f", 9)] != pytest.approx(float(1e-3 * grad / size), rel=0.5)
 
 
 def test_vanishing_and_exploding_gradients_are_named_in_the_log(model_with_gradients, caplog):
@@ -71,7 +96,7 @@ def test_vanishing_and_exploding_gradients_are_named_in_the_log(model_with_gradi
     for p in [*block.ln_2.parameters(), *block.mlp.parameters()]:
         p.grad.zero_()  # a dead layer: the MLP and the LayerNorm that feeds it
     model.lm_head.weight.grad.mul_(1e6)  # a blown-up one
-    _, layers = measure(model, {})
+    _, layers = measure(model)
     with caplog.at_level(logging.WARNING):
         GradientHealth().warn(step=123, layers=layers)
     vanished, exploded = (r.getMessage() for r in caplog.records)
@@ -80,7 +105,7 @@ def test_vanishing_and_exploding_gradients_are_named_in_the_log(model_with_gradi
 
 
 def test_healthy_gradients_give_no_warning(model_with_gradients, caplog):
-    _, layers = measure(model_with_gradients, {})
+    _, layers = measure(model_with_gradients)
     with caplog.at_level(logging.WARNING):
         GradientHealth().warn(step=1, layers=layers)
     assert not caplog.records
@@ -91,6 +116,8 @@ def test_gradient_scalars_are_written_only_on_logging_steps(events):
     assert {f"grad/layer/{layer}" for layer in LAYERS} <= tags
     assert {f"grad/update_ratio/{layer}" for layer in LAYERS} <= tags
     assert len(events.Scalars("grad/norm_total")) == 4  # 40 steps, written every 10: measured 4 times, not 40
+    steps = [e.step for e in events.Scalars("grad/norm_total")]
+    assert all([e.step for e in events.Scalars(f"grad/update_ratio/{layer}")] == steps for layer in LAYERS)
     for layer in LAYERS:
         ratios = [e.value for e in events.Scalars(f"grad/update_ratio/{layer}")]
         norms = [e.value for e in events.Scalars(f"grad/layer/{layer}")]

@@ -5,12 +5,13 @@ Every `every_n_steps` optimizer steps (by default the steps the loggers write), 
     grad/norm_total               the L2 norm of the whole gradient
     grad/norm/<parameter>         each parameter's gradient norm
     grad/layer/<layer>            each layer's gradient norm, layers grouped as a reader thinks of them
-    grad/update_ratio/<layer>     lr * |grad| / |w|: the size of a plain SGD step relative to the weights
+    grad/update_ratio/<layer>     |w_after - w_before| / |w_before| over the measured step: the optimizer's actual
+                                  update (after clipping, momentum, Adam's scaling, weight decay) against the weights
                                   (~1e-3 is the usual healthy order; much smaller learns nothing, much larger thrashes)
 
 and a warning in the log when a layer's gradient vanishes or explodes. At each validation, the latest of those
 measurements is drawn as a gradient-flow chart (mean and max |grad| per layer, image `grad/flow`).
-All of it costs one device-to-host copy per measured step.
+A measured step costs a copy of the weights and two device-to-host copies.
 """
 
 from __future__ import annotations
@@ -55,33 +56,45 @@ class LayerStats:
     grad_norm: float
     mean_abs: float
     max_abs: float
-    update_ratio: float
 
 
-def measure(model: nn.Module, lr_of: dict[int, float]) -> tuple[dict[str, float], list[LayerStats]]:
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def measure(model: nn.Module) -> tuple[dict[str, float], list[LayerStats]]:
     """Per-parameter gradient norms and per-layer statistics, layers in the model's order (input first).
 
-    `lr_of` maps `id(parameter)` to its learning rate. A parameter that got no gradient counts as zero.
+    A parameter that got no gradient counts as zero.
     """
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    rows = [torch.stack([p.grad.norm(), p.grad.abs().mean(), p.grad.abs().amax(), p.detach().norm()])
-            if p.grad is not None else torch.zeros(4, device=p.device) for _, p in named]
+    named = trainable(model)
+    rows = [torch.stack([p.grad.norm(), p.grad.abs().mean(), p.grad.abs().amax()])
+            if p.grad is not None else torch.zeros(3, device=p.device) for _, p in named]
     values = torch.stack(rows).float().cpu().tolist()  # the one host sync of a measurement
-    param_norms = {name: row[0] for (name, _), row in zip(named, values)}
+    grad_norms = {name: row[0] for (name, _), row in zip(named, values)}
 
     layers: dict[str, dict[str, float]] = {}
-    for (name, p), (g_norm, g_mean, g_max, w_norm) in zip(named, values):
-        acc = layers.setdefault(layer_of(name), dict(g_sq=0.0, abs_sum=0.0, n=0, max=0.0, w_sq=0.0, step_sq=0.0))
+    for (name, p), (g_norm, g_mean, g_max) in zip(named, values):
+        acc = layers.setdefault(layer_of(name), dict(g_sq=0.0, abs_sum=0.0, n=0, max=0.0))
         acc["g_sq"] += g_norm**2
         acc["abs_sum"] += g_mean * p.numel()
         acc["n"] += p.numel()
         acc["max"] = max(acc["max"], g_max)
-        acc["w_sq"] += w_norm**2
-        acc["step_sq"] += (lr_of.get(id(p), 0.0) * g_norm) ** 2
-    stats = [LayerStats(name, math.sqrt(a["g_sq"]), a["abs_sum"] / a["n"], a["max"],
-                        math.sqrt(a["step_sq"]) / math.sqrt(a["w_sq"]) if a["w_sq"] > 0 else float("nan"))
-             for name, a in layers.items()]
-    return param_norms, stats
+    stats = [LayerStats(name, math.sqrt(a["g_sq"]), a["abs_sum"] / a["n"], a["max"]) for name, a in layers.items()]
+    return grad_norms, stats
+
+
+def update_ratios(model: nn.Module, before: list[torch.Tensor]) -> dict[str, float]:
+    """Per layer, |w - w_before| / |w_before|: how far the step from `before` (the trainable parameters' values, in
+    order) moved the weights, against their size."""
+    rows = torch.stack([torch.stack([(p.detach() - w).norm(), w.norm()]) for (_, p), w in zip(trainable(model), before)])
+    sums: dict[str, list[float]] = {}
+    for (name, _), (step, weight) in zip(trainable(model), rows.float().cpu().tolist()):  # one host sync
+        acc = sums.setdefault(layer_of(name), [0.0, 0.0])
+        acc[0] += step**2
+        acc[1] += weight**2
+    return {layer: math.sqrt(step_sq / weight_sq) if weight_sq > 0 else float("nan")
+            for layer, (step_sq, weight_sq) in sums.items()}
 
 
 class GradientHealth(Callback):
@@ -107,6 +120,7 @@ class GradientHealth(Callback):
         self.vanish_below, self.explode_above = vanish_below, explode_above
         self.dirpath = Path(dirpath) if dirpath else None
         self.latest: tuple[int, list[LayerStats]] | None = None
+        self._weights_before: list[torch.Tensor] | None = None  # on a measured step, until the optimizer has stepped
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.every_n_steps is None:
@@ -117,13 +131,11 @@ class GradientHealth(Callback):
         # DDP the gradients are already averaged over the ranks, and only rank zero's loggers write: measure there.
         if (trainer.global_step + 1) % self.every_n_steps or not trainer.is_global_zero:
             return
-        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        param_norms, layers = measure(pl_module.model, lr_of)
+        grad_norms, layers = measure(pl_module.model)
         metrics = {
-            "grad/norm_total": math.sqrt(sum(n**2 for n in param_norms.values())),
-            **{f"grad/norm/{name}": value for name, value in param_norms.items()},
+            "grad/norm_total": math.sqrt(sum(n**2 for n in grad_norms.values())),
+            **{f"grad/norm/{name}": value for name, value in grad_norms.items()},
             **{f"grad/layer/{s.name}": s.grad_norm for s in layers},
-            **{f"grad/update_ratio/{s.name}": s.update_ratio for s in layers},
         }
         # Straight to the loggers (which write on rank zero only), at the step Lightning gives the training loss:
         # `self.log` costs about a millisecond of bookkeeping per value, and these are ~100 plain floats.
@@ -131,6 +143,16 @@ class GradientHealth(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)  # the run's loggers put it at the step it makes
         self.latest = (trainer.global_step + 1, layers)  # named by the step these gradients make, as logged
         self.warn(trainer.global_step + 1, layers)
+        self._weights_before = [p.detach().clone() for _, p in trainable(pl_module.model)]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._weights_before is None:  # not a measured step, or (under accumulation) not its last batch yet
+            return
+        before, self._weights_before = self._weights_before, None
+        ratios = {f"grad/update_ratio/{layer}": r for layer, r in update_ratios(pl_module.model, before).items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(ratios, step=trainer.global_step - 1)  # after the step: at the step it made
 
     def warn(self, step: int, layers: list[LayerStats]) -> None:
         vanished = [f"{s.name} ({s.grad_norm:.1e})" for s in layers if s.grad_norm <= self.vanish_below]
