@@ -126,7 +126,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                          f"{trainer.max_steps}: there is nothing left to train. Give a larger trainer.max_steps to "
                          "train on (the learning-rate schedule then spans the new length), or sample from it with "
                          "sample.py.")
-    log_global_batch(cfg, trainer, loggers)
+    log_global_batch(cfg, trainer, loggers, module)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None,
                     weights_only=True)
@@ -205,14 +205,15 @@ def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file
                          "Resume with the model settings it was trained with (e.g. the same model=...).")
 
 
-def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list) -> None:
-    """Say how many windows and tokens one optimizer step learns from, over every device and node, and record it."""
+def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list, module: MiniGPTModule) -> None:
+    """Say how many windows and tokens one optimizer step learns from, over every device and node, and record it
+    with the module's settings."""
     batch = global_batch(trainer, cfg.data.batch_size, cfg.data.block_size)
     log.info("Global batch: %d windows per device x %d accumulated x %d devices x %d nodes = %d windows of %d "
              "tokens, %d tokens per optimizer step", cfg.data.batch_size, trainer.accumulate_grad_batches,
              trainer.num_devices, trainer.num_nodes, batch["windows"], cfg.data.block_size, batch["tokens"])
     for logger in loggers:  # hparams.yaml and the HParams tab
-        logger.log_hyperparams({"global_batch": batch})
+        logger.log_hyperparams({**module.settings, "global_batch": batch})
 
 
 def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:

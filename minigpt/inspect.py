@@ -26,7 +26,7 @@ from minigpt import plots
 from minigpt.callbacks.attention_maps import attention_figures
 from minigpt.callbacks.gradient_health import measure
 from minigpt.checkpoint import checkpoint_path, find_checkpoint
-from minigpt.data import TextDataModule
+from minigpt.data import WindowsDataModule
 from minigpt.graph import check_graph_file, render_autograd_graph
 from minigpt.module import MiniGPTModule
 from minigpt.tokenizer import unescape
@@ -82,7 +82,7 @@ def recorded_data(hydra_dir: Path) -> DictConfig:
     return OmegaConf.create(data)
 
 
-def validation_data(cfg: DictConfig, module: MiniGPTModule) -> TextDataModule:
+def validation_data(cfg: DictConfig, module: MiniGPTModule) -> WindowsDataModule:
     datamodule = hydra.utils.instantiate(cfg.data, block_size=module.model.config.block_size,
                                          batch_size=cfg.batch_size)
     datamodule.prepare_data()

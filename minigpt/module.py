@@ -83,7 +83,8 @@ class MiniGPTModule(L.LightningModule):
         # The settings go to the optimizer's constructor when training starts (weight decay and Muon's AdamW rate
         # through the parameter groups): one it does not take would fail only then, after the run's folder is set up.
         takes = set(inspect.signature(OPTIMIZERS[optimizer["name"]]).parameters) - {"params"}
-        takes |= {"adamw_lr"} if optimizer["name"] == "muon" else {"weight_decay"}
+        if optimizer["name"] == "muon":
+            takes.add("adamw_lr")  # the learning rate of its AdamW group
         unknown = sorted(set(optimizer) - takes - {"name"})
         if unknown:
             name = optimizer["name"]
@@ -100,8 +101,9 @@ class MiniGPTModule(L.LightningModule):
             raise ValueError(f"scheduler.min_lr_ratio is the final learning rate over the peak, between 0 and 1; got "
                              f"{scheduler['min_lr_ratio']}")
         self.tokenizer = tokenizer_from_hparams(vocab, bpe)
+        # Not sent to the loggers as they are: a BPE's JSON can be megabytes (train.py logs `settings` instead).
         self.save_hyperparameters({**self.tokenizer.hparams(), "model": dict(model or {}), "optimizer": optimizer,
-                                   "scheduler": scheduler})
+                                   "scheduler": scheduler}, logger=False)
         self.model = GPT(GPTConfig(vocab_size=self.tokenizer.vocab_size, **self.hparams.model))
         # Validation loss as metrics that sync across DDP ranks: the mean over every window (each rank validates its
         # share), and the lowest of the run, resumes included, which sweeps minimise (lightning-hydra-template's way).
@@ -124,6 +126,11 @@ class MiniGPTModule(L.LightningModule):
         """Whether the loggers write on this step: Lightning's rule, checked before the optimizer step."""
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The hyper-parameters a run varies (model, optimizer, schedule), without the tokenizer."""
+        return {key: value for key, value in self.hparams.items() if key not in ("vocab", "bpe")}
 
     @property
     def best_val_loss(self) -> float:

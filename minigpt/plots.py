@@ -97,7 +97,7 @@ def loss_curve(train: tuple[list, list], val: tuple[list, list], lr: tuple[list,
     ax.plot(*train, color="tab:blue", alpha=0.8, label="train/loss")
     ax.plot(*val, color="tab:orange", marker="o", label="val/loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats per character)")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if lr is not None and lr[0]:

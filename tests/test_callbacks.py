@@ -16,6 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train
 from minigpt import plots
+from minigpt.callbacks.early_stopping import EarlyStopping
 from minigpt.callbacks.gradient_health import GradientHealth, layer_of, measure
 from minigpt.callbacks.samples import as_markdown
 from minigpt.graph import render_autograd_graph
@@ -233,3 +234,18 @@ def test_sample_prompts_read_backslash_n_as_a_new_line():
 
     samples = TextSamples(prompt="\\nROMEO:")  # as Hydra passes it on from callbacks.text_samples.prompt='\nROMEO:'
     assert samples.prompt == "\nROMEO:" and samples.tag == "samples/ROMEO"
+
+
+def test_early_stopping_says_when_it_stopped_a_run_and_a_resume_takes_a_new_patience(cfg_tiny, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # Lightning logs to its own handler
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.update(max_steps=100, val_check_interval=10)
+        cfg_tiny.callbacks.early_stopping.update(patience=1, min_delta=10.0)  # no validation can improve enough
+    with caplog.at_level(logging.INFO):
+        metrics = train.train(cfg_tiny)
+    assert metrics["step"] == 20
+    assert "Stopped early at step 20 of 100: Monitored metric val/loss did not improve in the last 1 records" in caplog.text
+
+    stopping = EarlyStopping(monitor="val/loss", patience=5)
+    stopping.load_state_dict({**EarlyStopping(monitor="val/loss", patience=1).state_dict(), "wait_count": 1})
+    assert stopping.patience == 5 and stopping.wait_count == 1  # the count goes on, against the new patience

@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
 
 from minigpt.report import compare_sweep, read_scalars, report
 from tests.conftest import ROOT, assert_is_a_picture, decode_png
@@ -27,15 +28,18 @@ def fake_sweep(trained_run, cfg, folder, jobs):
 
 def test_sweep_table_has_each_jobs_best_loss_and_throughput(trained_run, cfg_tiny_global, tmp_path):
     fake_sweep(trained_run, cfg_tiny_global, tmp_path, [["optimizer=adamw"], ["optimizer=sgd"]])
+    with SummaryWriter(next(tmp_path.glob("1_*")) / "tensorboard") as writer:  # the second job ends better
+        writer.add_scalar("val/loss", 0.5, 50)
     plot, table_md, table_csv = compare_sweep(tmp_path)
     assert_is_a_picture(decode_png(plot.read_bytes()), min_width=600, min_height=300)
     rows = list(csv.DictReader(table_csv.open()))
     assert [r["overrides"] for r in rows] == ["optimizer=adamw", "optimizer=sgd"]  # model=tiny is common to both
-    scalars, _ = read_scalars(trained_run[0] / "tensorboard")
-    best = min(scalars["val/loss"].values)
+    val = read_scalars(trained_run[0] / "tensorboard")[0]["val/loss"]
+    best = min(val.values)
+    assert (float(rows[0]["best val/loss"]), int(rows[0]["step"])) == (pytest.approx(best, abs=1e-4),
+                                                                       val.steps[val.values.index(best)])
+    assert (float(rows[1]["best val/loss"]), int(rows[1]["step"])) == (0.5, 50)  # each row from its own job
     for row in rows:
-        assert float(row["best val/loss"]) == pytest.approx(best, abs=1e-4)
-        assert int(row["step"]) == scalars["val/loss"].steps[scalars["val/loss"].values.index(min(scalars["val/loss"].values))]
         assert float(row["wall time (s)"]) > 0 and float(row["tokens/s"]) > 0
     markdown = table_md.read_text()
     assert "Common to all jobs: `model=tiny`" in markdown

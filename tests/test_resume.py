@@ -192,11 +192,12 @@ def test_a_checkpoint_cannot_run_code_through_any_entry_point(trained_run, tmp_p
         assert "weights_only" not in str(err.value)  # torch's advice to load it anyway, which would run its code
 
 
-def test_checkpoints_hold_only_plain_types(trained_run):
+def test_checkpoints_load_without_unpickling_any_class_and_hold_what_a_resume_needs(trained_run):
     # weights_only=True loads them without allow-listing anything: no project type is pickled
     checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(checkpoint["rng_states"]) >= {"torch"}
     assert any(key.startswith("StepCheckpoint") for key in checkpoint["callbacks"])
+    assert checkpoint["val_loss_best"] == pytest.approx(trained_run[1]["val/loss_best"])
 
 
 @pytest.mark.parametrize("overrides, last_step", [

@@ -4,6 +4,7 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -11,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.utils import counters
 
@@ -19,7 +20,7 @@ import train
 from minigpt.callbacks.startup import PREFIX as STARTUP, parse_startup
 from minigpt.checkpoint import find_checkpoint, read_model
 from minigpt.data import WindowsDataModule
-from minigpt.module import warmup_cosine
+from minigpt.module import MiniGPTModule, warmup_cosine
 from minigpt.report import read_scalars
 from minigpt.run_folder import ckpt_path_arg, shown
 from tests.conftest import CONF, ROOT, compose_train
@@ -145,6 +146,11 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
         cfg.run_dir = str(tmp_path)
     datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, WindowsDataModule)
+    datamodule.setup("fit")
+    # the module checks the model, optimizer and scheduler settings against what they take
+    module = MiniGPTModule(**datamodule.tokenizer.hparams(), model=OmegaConf.to_container(cfg.model, resolve=True),
+                           optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+                           scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
     for entry in (cfg.get("callbacks") or {}).values():
         hydra.utils.instantiate(entry)
     for entry in (cfg.get("logger") or {}).values():
@@ -153,7 +159,8 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
         with pytest.raises(ValueError, match="trainer=cpu"):
             train.make_trainer(cfg, [], [])
     else:
-        train.make_trainer(cfg, [], [])
+        module.trainer = train.make_trainer(cfg, [], [])
+        module.configure_optimizers()  # the optimizer and the schedule, built from their settings
 
 
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
@@ -217,13 +224,17 @@ def test_a_run_says_where_its_start_up_went(cfg_tiny, caplog, monkeypatch):
     monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # Lightning logs to its own handler
     with open_dict(cfg_tiny):
         cfg_tiny.trainer.max_steps = 2
+    monkeypatch.setattr(train, "LAUNCHED", None)  # as for a multirun's next job: launched when train() starts
+    started = time.perf_counter()
     with caplog.at_level(logging.INFO):
         train.train(cfg_tiny)
+    wall = time.perf_counter() - started
     line = start_up_line(caplog)
     phases = parse_startup(line)
     total = phases.pop("total")
     assert list(phases) == ["imports", "data and model", "trainer set-up", "first step"], line
-    assert sum(phases.values()) == pytest.approx(total, abs=0.25), line  # the phases are the whole start-up
+    assert all(seconds >= 0 for seconds in phases.values()), line
+    assert 0 < total <= wall + 0.05, line  # the start-up is part of the run, not more
     assert "compilation" not in line
 
 
@@ -245,12 +256,6 @@ def test_regional_compilation_trains_with_every_callback_and_compiles_once(cfg_t
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # e.g. the TensorBoard graph
     checkpoint = torch.load(f"{cfg_tiny.run_dir}/checkpoints/last.ckpt", weights_only=True)
     assert not [k for k in checkpoint["state_dict"] if "_orig_mod" in k]  # loads into an uncompiled model
-
-
-def test_sample_config_composes():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="sample", overrides=["ckpt_path=x.ckpt"])
-    assert cfg.prompt == "ROMEO:" and cfg.max_new_tokens > 0
 
 
 @pytest.mark.slow

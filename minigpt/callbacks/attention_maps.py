@@ -18,12 +18,14 @@ from minigpt.callbacks.tensorboard import add_figure
 from minigpt.model import GPT
 
 
-def attention_figures(model: GPT, idx: torch.Tensor, labels: list[str]) -> list:
-    """One figure per layer for the token ids `idx` (T,), whose texts (characters, or BPE tokens) are `labels`."""
+def attention_figures(model: GPT, idx: torch.Tensor, labels: list[str], when: str = "") -> list:
+    """One figure per layer for the token ids `idx` (T,), whose texts (characters, or BPE tokens) are `labels`;
+    `when` ends the titles (" at step 500")."""
     with torch.no_grad():
         _, maps = model.forward_with_attention(idx[None])  # (n_layer, 1, nh, T, T)
     maps = maps[:, 0].float().cpu().numpy()
-    return [plots.attention_heads(layer, labels, f"layer {i}: attention of each head") for i, layer in enumerate(maps)]
+    return [plots.attention_heads(layer, labels, f"layer {i}: attention of each head{when}")
+            for i, layer in enumerate(maps)]
 
 
 class AttentionMaps(Callback):
@@ -61,7 +63,8 @@ class AttentionMaps(Callback):
             idx = pl_module.tokenizer.encode(self.text)[:block_size]
         else:
             idx = trainer.datamodule.val_tokens[: min(self.length, block_size)]
-        figures = attention_figures(pl_module.model, idx.long().to(pl_module.device), pl_module.tokenizer.pieces(idx))
+        figures = attention_figures(pl_module.model, idx.long().to(pl_module.device), pl_module.tokenizer.pieces(idx),
+                                    when=f" at step {trainer.global_step}")
         for i, figure in enumerate(figures):
             add_figure(trainer, f"attention/layer_{i}", figure,
                        self.dirpath / f"attention_layer{i}.png" if self.dirpath else None)

@@ -29,14 +29,14 @@ class StopOnNonFiniteLoss(Callback):
                              f"must be positive, got {check_every_n_steps}")
         self.check_every_n_steps, self.max_names = check_every_n_steps, max_names
         self._finite: list[torch.Tensor] = []  # isfinite(loss) of each batch since the last check, on the device
-        self._steps: list[int] = []  # the optimizer step each of those batches belongs to
+        self._steps: list[int] = []  # the optimizer step each of those batches makes, counted as the loggers do
         self._started_at = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started_at = trainer.global_step  # > 0: resumed from the checkpoint of that step
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        self._steps.append(trainer.global_step)
+        self._steps.append(trainer.global_step + 1)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

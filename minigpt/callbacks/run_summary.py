@@ -46,7 +46,7 @@ class RunSummary(Callback):
     @staticmethod
     def hyperparameters(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """What a sweep varies: the module's settings (not its tokenizer), the batch and the length of the run."""
-        params = {k: v for k, v in pl_module.hparams.items() if k not in ("vocab", "bpe")}
+        params = dict(pl_module.settings)
         datamodule = trainer.datamodule
         if datamodule is not None and "batch_size" in datamodule.hparams:
             params["data"] = {"batch_size": datamodule.hparams.batch_size}
