@@ -7,6 +7,7 @@ and inside a notebook that uses another backend.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,9 @@ def sweep_comparison(curves: dict[str, tuple[list, list]], title: str) -> Figure
     ax = figure.add_subplot()
     for label, (steps, values) in curves.items():
         ax.plot(steps, values, marker="o", markersize=3, label=label)
+    finite = [v for _, values in curves.values() for v in values if math.isfinite(v) and v > 0]
+    if finite and max(finite) > 10 * min(finite):  # a blown-up job would flatten the others on a linear axis
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("val/loss")
     ax.grid(alpha=0.3)

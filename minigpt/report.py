@@ -90,34 +90,59 @@ def loss_curve_title(folder: Path, scalars: dict[str, Series]) -> str:
     return f"{name}: best val/loss {value:.4f} at step {step}" if step >= 0 else name
 
 
+def process_spans(events_dir: Path) -> list[tuple[float, float]]:
+    """When each process that wrote to `events_dir` wrote its first and last event: one span per events file (a
+    resumed run's new process starts a new file)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # as in read_scalars
+
+    spans = []
+    for file in sorted(events_dir.glob("events.out.tfevents.*")):
+        times = [event.wall_time for event in EventFileLoader(str(file)).Load() if event.HasField("summary")]
+        if times:
+            spans.append((min(times), max(times)))
+    return spans
+
+
 @dataclass
 class Job:
     folder: Path
     overrides: list[str]
     scalars: dict[str, Series]
-    started: float
+    spans: list[tuple[float, float]]  # when each of its processes wrote (more than one: it was resumed)
     tokens_per_step: int | None  # None: not recorded
 
     @property
     def wall_time(self) -> float:
-        """Seconds from the first event (the start of fitting) to the last value written."""
-        return max((s.wall_times[-1] for s in self.scalars.values() if s.wall_times), default=self.started) - self.started
+        """Seconds its processes ran, from each one's first event (the start of fitting) to its last: a resumed job's
+        pause between them does not count."""
+        return sum(last - first for first, last in self.spans) if self.spans else float("nan")
 
     @property
     def tokens_per_second(self) -> float:
-        """Training throughput between the first and last logged training steps, validations included."""
+        """Training throughput between logged training steps, validations included, pauses between processes not."""
         train = self.scalars.get("train/loss")
-        if (self.tokens_per_step is None or train is None or len(train.steps) < 2
-                or train.wall_times[-1] <= train.wall_times[0]):
+        if self.tokens_per_step is None or train is None:
             return float("nan")
-        return (train.steps[-1] - train.steps[0]) * self.tokens_per_step / (train.wall_times[-1] - train.wall_times[0])
+        steps = seconds = 0.0
+        for (s0, t0), (s1, t1) in zip(zip(train.steps, train.wall_times), zip(train.steps[1:], train.wall_times[1:])):
+            if any(first <= t0 and t1 <= last for first, last in self.spans):  # both written by the same process
+                steps, seconds = steps + s1 - s0, seconds + t1 - t0
+        return steps * self.tokens_per_step / seconds if seconds > 0 else float("nan")
+
+    @property
+    def diverged(self) -> bool:
+        log = self.folder / "train.log"
+        return log.is_file() and "became non-finite" in log.read_text(errors="replace")
 
 
 def read_job(folder: Path) -> Job:
+    """A job's overrides and, when it wrote any (a job that failed before training did not), its events."""
     overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
-    scalars, started = read_scalars(folder / "tensorboard")
-    return Job(folder, [o for o in overrides if not o.startswith("hydra.")], scalars, started,
-               recorded_tokens_per_step(folder / "tensorboard" / "hparams.yaml"))
+    events = folder / "tensorboard"
+    has_events = any(events.glob("events.out.tfevents.*"))
+    return Job(folder, [o for o in overrides if not o.startswith("hydra.")],
+               read_scalars(events)[0] if has_events else {}, process_spans(events) if has_events else [],
+               recorded_tokens_per_step(events / "hparams.yaml"))
 
 
 def recorded_tokens_per_step(hparams_file: Path) -> int | None:
@@ -140,11 +165,11 @@ def job_number(folder: Path) -> int:
 def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     """Write comparison.png, .md and .csv into a multirun folder; returns their paths."""
     multirun_dir = Path(multirun_dir)
-    folders = {p.parent.parent for p in multirun_dir.glob("*/tensorboard/events.out.tfevents.*")}
-    folders = sorted(folders, key=lambda p: (job_number(p), p.name))
-    if not folders:
+    if not any(multirun_dir.glob("*/tensorboard/events.out.tfevents.*")):
         raise FileNotFoundError(f"No job folders with TensorBoard events under {multirun_dir}: give the folder of a "
                                 "multirun (outputs/multirun/<date>/<time>) or, for one run, its own folder.")
+    folders = sorted((p.parent.parent for p in multirun_dir.glob("*/.hydra/overrides.yaml")),
+                     key=lambda p: (job_number(p), p.name))
     jobs = [read_job(folder) for folder in folders]
     common = set.intersection(*(set(job.overrides) for job in jobs))
     labels = [" ".join(o for o in job.overrides if o not in common) or job.folder.name for job in jobs]
@@ -168,9 +193,17 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     lines = [f"# {multirun_dir}", ""] + ([f"Common to all jobs: `{shared}`", ""] if shared else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"`{c}`" if i == 1 else c for i, c in enumerate(row)) + " |" for row in rows]
-    if any(row[-1] == "nan" for row in rows):
-        lines += ["", "tokens/s is nan for a job that logged fewer than two training steps (see trainer.log_every_n_steps) "
+    notes = [f"`{job.folder.name}` wrote no events: it failed before training (its train.log says why)."
+             for job in jobs if not job.spans]
+    notes += [f"`{job.folder.name}` diverged (its train.log says at which step): its best val/loss is from before."
+              for job in jobs if job.diverged]
+    notes += [f"`{job.folder.name}` was resumed ({len(job.spans)} processes wrote its events): its overrides are its "
+              "first run's, and its wall time and tokens/s leave out the pauses between the processes."
+              for job in jobs if len(job.spans) > 1]
+    if any(row[-1] == "nan" for row, job in zip(rows, jobs) if job.spans):
+        notes += ["tokens/s is nan for a job that logged fewer than two training steps (see trainer.log_every_n_steps) "
                   "or recorded no global batch in tensorboard/hparams.yaml (runs of minigpt before it did)."]
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
     table_md = multirun_dir / "comparison.md"
     table_md.write_text("\n".join(lines) + "\n")
     return [plot, table_md, table_csv]

@@ -92,3 +92,33 @@ def test_throughput_counts_the_devices_the_run_recorded_and_is_explained_where_m
     _, table_md, table_csv = compare_sweep(tmp_path)
     assert [row["tokens/s"] for row in csv.DictReader(table_csv.open())] == ["nan"]
     assert "tokens/s is nan for a job that" in table_md.read_text()
+
+
+def test_the_sweep_table_lists_failed_diverged_and_resumed_jobs_and_leaves_out_pauses(trained_run, cfg_tiny_global,
+                                                                                       tmp_path):
+    from minigpt.report import read_job
+
+    fake_sweep(trained_run, cfg_tiny_global, tmp_path, [["optimizer.lr=1e-3"], ["optimizer.lr=1e6"],
+                                                        ["optimizer.lr=3e-3"], ["optimizer.lr=-1"]])
+    _, diverged, resumed, failed = sorted(tmp_path.iterdir())
+    (diverged / "train.log").write_text("error: train/loss became non-finite at step 26. ...\n")
+    shutil.rmtree(failed / "tensorboard")  # as a job that stopped on a bad input before training
+    shutil.rmtree(resumed / "tensorboard")
+    (resumed / "tensorboard").mkdir()
+    (resumed / "tensorboard" / "hparams.yaml").write_text(yaml.safe_dump({"global_batch": {"tokens": 100}}))
+    for first_step, start in [(0, 1000.0), (30, 5000.0)]:  # killed after step 20, resumed an hour later
+        with SummaryWriter(resumed / "tensorboard", filename_suffix=f".{first_step}") as writer:
+            for i in range(3):
+                writer.add_scalar("train/loss", 3.0 - i / 10, first_step + 10 * i, walltime=start + 5 * i)
+                writer.add_scalar("val/loss", 3.0 - i / 10, first_step + 10 * i, walltime=start + 5 * i)
+
+    job = read_job(resumed)
+    assert job.wall_time == pytest.approx(20.0)  # 10 s in each process, not the hour between them
+    assert job.tokens_per_second == pytest.approx((20 + 20) * 100 / 20)
+    _, table_md, table_csv = compare_sweep(tmp_path)
+    rows = {row["job"]: row for row in csv.DictReader(table_csv.open())}
+    assert len(rows) == 4 and rows[failed.name]["best val/loss"] == "nan"
+    markdown = table_md.read_text()
+    assert f"`{failed.name}` wrote no events: it failed before training" in markdown
+    assert f"`{diverged.name}` diverged" in markdown
+    assert f"`{resumed.name}` was resumed (2 processes wrote its events)" in markdown
