@@ -36,6 +36,7 @@ def test_short_run_lowers_val_loss_and_writes_checkpoint_and_events(trained_run)
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/ppl", "grad/norm_total", "train/lr/decay"} <= tags
+    assert "epoch" not in tags  # always 0 in a run of one endless epoch
     assert any(t.startswith("grad/norm/transformer.h.0.") for t in tags)  # per-layer norms
     val = [e.value for e in events.Scalars("val/loss")]
     assert len(val) == 2 and val[-1] < val[0]
