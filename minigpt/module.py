@@ -107,9 +107,7 @@ class MiniGPTModule(L.LightningModule):
         self.model = GPT(GPTConfig(vocab_size=self.tokenizer.vocab_size, **self.hparams.model))
         # Validation loss as metrics that sync across DDP ranks: the mean over every window (each rank validates its
         # share), and the lowest of the run, resumes included, which sweeps minimise (lightning-hydra-template's way).
-        # A non-finite loss shows in the mean instead of being skipped ("disable" would also drop the weights in
-        # torchmetrics 1.9, making the last, shorter batch count as much as a full one).
-        self.val_loss = MeanMetric(nan_strategy=float("nan"))
+        self.val_loss = MeanMetric(nan_strategy="disable")  # no check (a host sync per batch): a nan shows in the mean
         self.val_loss_best = MinMetric(nan_strategy="ignore")
         self.val_ppl = Perplexity()
         self._step_loss: torch.Tensor | None = None  # summed over the micro-batches of this optimizer step
@@ -159,7 +157,8 @@ class MiniGPTModule(L.LightningModule):
         # a few validation batches run as fast so, and need no second compilation for eval mode and a shorter batch.
         with eager():
             logits, loss = self.model.forward(x, y)
-        self.val_loss.update(loss, weight=x.size(0))  # every window has block_size tokens: a mean over windows
+        # one value per window, each of block_size tokens (not weight=: torchmetrics 1.9 drops it under "disable")
+        self.val_loss.update(loss.expand(x.size(0)))
         self.val_ppl.update(logits.float(), y)  # under bf16 autocast the logits are bf16: too coarse for a softmax
         self.log("val/ppl", self.val_ppl)
 
