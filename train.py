@@ -92,6 +92,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
     if checkpoint is None:  # a resumed run has said where it writes
         log.info("Run folder: %s", shown(cfg.run_dir))
+    else:
+        keep_validation_windows(cfg, checkpoint)
     datamodule: WindowsDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")  # the tokenizer, and so the model's size, comes from the text
@@ -113,7 +115,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # TensorBoard hides the steps a killed run logged after its last checkpoint, so the curve has no repeats. The
     # values at the checkpoint's own step (its validation, the loss of the batch that made it) came before it.
     purge = {"purge_step": checkpoint["global_step"] + 1} if checkpoint is not None else {}
-    loggers = [hydra.utils.instantiate(c, **(purge if c._target_.endswith("TensorBoardLogger") else {}))
+    loggers = [hydra.utils.instantiate(c, **(purge if c._target_.endswith(("TensorBoardLogger", "CSVLogger")) else {}))
                for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -167,6 +169,16 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
         cfg.run_dir = os.path.abspath(ckpt_file.parent.parent)
     log.info("Resuming from %s at step %d; writing to %s", ckpt_file, checkpoint["global_step"], cfg.run_dir)
     return ckpt_file, checkpoint
+
+
+def keep_validation_windows(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
+    """A run started before data.val_seed drew its validation windows with its training seed: resumed, it keeps them,
+    so that val/loss and the best checkpoint go on being compared on the same windows."""
+    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
+    if "val_seed" in cfg.data and "seed" in recorded and "val_seed" not in recorded:
+        log.info("The checkpoint's run drew its validation windows with seed=%d (before data.val_seed): it keeps "
+                 "them.", recorded["seed"])
+        cfg.data.val_seed = recorded["seed"]
 
 
 def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file: Path) -> None:
@@ -310,10 +322,19 @@ def run_job_in_new_process(job: HydraConfig) -> float:
         log.info("Running this job as a run of its own in a new process, which starts the run's other processes")
         status = subprocess.run(command, cwd=hydra.utils.get_original_cwd(),
                                 env={**os.environ, METRICS_FILE: str(result)}).returncode
+        metrics = json.loads(result.read_text()) if result.is_file() else {}
+        if status != 0 and metrics.get("diverged"):  # it printed its error; in a sweep a divergence is a result
+            print("error: this job diverged (its error is above). In this sweep the job scores inf.", file=sys.stderr)
+            return math.inf
         if status != 0:
             raise JobProcessFailed(f"this job's training process exited with status {status}: see its error above "
                                    f"and {job.runtime.output_dir}/train.log")
-        return json.loads(result.read_text())["val/loss_best"]
+        return sweep_score(metrics["val/loss_best"])
+
+
+def sweep_score(best_val_loss: float) -> float:
+    """What a sweeper minimises: the best val/loss, or inf for a run that never validated (Optuna refuses a nan)."""
+    return best_val_loss if not math.isnan(best_val_loss) else math.inf
 
 
 class JobFailed(CompactHydraException):
@@ -345,13 +366,14 @@ def main(cfg: DictConfig) -> float:
         metrics = train(cfg)
         if os.environ.get(METRICS_FILE) and rank_zero_only.rank == 0:  # a job run by run_job_in_new_process
             Path(os.environ[METRICS_FILE]).write_text(json.dumps(metrics))
-        # the value a Hydra sweeper minimises; a run that never validated ranks last (Optuna refuses a nan)
-        return metrics["val/loss_best"] if not math.isnan(metrics["val/loss_best"]) else math.inf
+        return sweep_score(metrics["val/loss_best"])
     except Exception as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         if not isinstance(cause, USER_ERRORS):
             raise  # a bug, not a bad input: keep the traceback
         message = user_message(cause)
+        if isinstance(cause, NonFiniteLossError) and os.environ.get(METRICS_FILE) and rank_zero_only.rank == 0:
+            Path(os.environ[METRICS_FILE]).write_text(json.dumps({"diverged": True}))  # for the job that started it
         for handler in logging.getLogger().handlers:  # into this job's train.log; the console gets `error:` below
             if isinstance(handler, logging.FileHandler):
                 handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))

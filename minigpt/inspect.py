@@ -79,6 +79,8 @@ def recorded_data(hydra_dir: Path) -> DictConfig:
     for key in ("path", "cache_dir"):
         if isinstance(data.get(key), str) and not data[key].startswith("~"):
             data[key] = str(Path(started_in, data[key]))  # an absolute path stays as it is
+    if "seed" in data and "val_seed" not in data:  # a run from before data.val_seed drew them with its seed
+        data["val_seed"] = data["seed"]
     return OmegaConf.create(data)
 
 

@@ -13,9 +13,19 @@ before the optimizer step (as gradient health does), `trainer.global_step - 1` a
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import loggers
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
+
+from minigpt.atomic import atomic_write
 
 
 class _StepsDone:
@@ -31,4 +41,35 @@ class TensorBoardLogger(_StepsDone, loggers.TensorBoardLogger):
 
 
 class CSVLogger(_StepsDone, loggers.CSVLogger):
-    """Lightning's CSVLogger, with each value at the optimizer steps done (see the module's docstring)."""
+    """Lightning's CSVLogger, with each value at the optimizer steps done (see the module's docstring), and, given a
+    `purge_step` as TensorBoard's logger is on a resume, keeping the earlier rows before that step: Lightning's
+    writer deletes an existing metrics.csv when it starts."""
+
+    def __init__(self, *args: Any, purge_step: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.purge_step = purge_step
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None or self.purge_step is None or rank_zero_only.rank != 0:
+            return super().experiment
+        file = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not file.is_file():
+            return super().experiment
+        with file.open(newline="") as f:
+            reader = csv.DictReader(f)
+            keys, rows = reader.fieldnames or [], [row for row in reader if int(row["step"]) < self.purge_step]
+        kept = file.with_name(f".{file.name}.resumed")  # out of the writer's way while it starts, then back
+        with atomic_write(kept) as f:
+            text = io.StringIO(newline="")
+            writer = csv.DictWriter(text, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.write(text.getvalue().encode())
+        file.unlink()
+        with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not so here
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            experiment = super().experiment
+        os.replace(kept, file)
+        experiment.metrics_keys = sorted(keys)  # its header, which Lightning's writer appends under
+        return experiment

@@ -139,11 +139,13 @@ class MiniGPTModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
-        self._step_loss = loss.detach() + (self._step_loss if self._micro_batches else 0.0)
+        # sums on the device, no host sync; one addition per step without accumulation
+        self._step_loss = self._step_loss + loss.detach() if self._micro_batches else loss.detach()
         self._micro_batches += 1
         if self._micro_batches == self.trainer.accumulate_grad_batches:  # the optimizer steps after this batch
-            step_loss, self._micro_batches = self._step_loss / self._micro_batches, 0
-            self._train_loss_sum = step_loss + (self._train_loss_sum if self._train_loss_count else 0.0)
+            n, self._micro_batches = self._micro_batches, 0
+            step_loss = self._step_loss / n if n > 1 else self._step_loss
+            self._train_loss_sum = self._train_loss_sum + step_loss if self._train_loss_count else step_loss
             self._train_loss_count += 1
             # self.log costs ~1 ms of Python per call (Lightning moves its result state every time), which on a GPU
             # stalls small models; log only on the steps that are written, which is all the loggers would keep.
@@ -165,7 +167,8 @@ class MiniGPTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # over every rank's windows
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # (already synced: the same value on every rank)
+        # already the same on every rank: sync_dist (one scalar all-reduce per validation) keeps Lightning from warning
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_loss_best.update(loss)
             self.log("val/loss_best", self.val_loss_best.compute(), sync_dist=True)
@@ -201,6 +204,10 @@ class MiniGPTModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
         self._restored_best = checkpoint.get("val_loss_best")
+        if self._restored_best is None:  # written before the module kept it: the checkpoint callback's record
+            self._restored_best = next((float(state["best_model_score"]) for state in checkpoint.get("callbacks", {}).values()
+                                        if isinstance(state, dict) and state.get("monitor") == "val/loss"
+                                        and state.get("best_model_score") is not None), None)
 
     def on_train_start(self) -> None:
         # Restored here, not on load: creating the data loaders draws from the generator in between.

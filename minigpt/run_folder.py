@@ -55,11 +55,15 @@ class RefuseUsedRunFolder(Callback):
         where = shown(str(folder))
         listed = ", ".join(shown(str(p)) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         # SystemExit: Hydra turns an Exception raised in a callback into a warning and goes on
+        if any(p.suffix == ".ckpt" for p in found):
+            harm = "would overwrite its checkpoints and mix its curves with the new run's"
+            resume = f"Resume that run with: python train.py {ckpt_path_arg(where)} (and its settings), or start"
+        else:  # stopped before its first checkpoint (diverged, interrupted): nothing to resume
+            harm = "would mix its curves with the new run's (it saved no checkpoint, so it cannot be resumed)"
+            resume = "Start"
         raise SystemExit(
-            f"error: hydra.run.dir={where} already holds a run ({listed}): a new one there would overwrite its "
-            f"checkpoints and mix its curves with the new run's. Resume that run with: python train.py "
-            f"{ckpt_path_arg(where)} (and its settings), or start the new one in another folder (another "
-            f"hydra.run.dir, or none for a new dated one), or delete {where} first."
+            f"error: hydra.run.dir={where} already holds a run ({listed}): a new one there {harm}. {resume} the new "
+            f"one in another folder (another hydra.run.dir, or none for a new dated one), or delete {where} first."
         )
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -86,9 +86,6 @@ def test_update_ratio_is_the_optimizers_actual_step_against_the_weights(model_wi
     ratios = {key: value for key, value in logged.items() if key[0].startswith("grad/update_ratio/")}
     assert set(ratios) == {(f"grad/update_ratio/{layer}", 9) for layer in LAYERS}  # Lightning's count for step 10
     assert ratios[("grad/update_ratio/ln_f", 9)] == pytest.approx(float(moved / size), rel=1e-5)
-    # Adam's first step moves each weight by about lr, whatever its gradient: not lr * |grad| / |w|
-    grad = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ln_f]))
-    assert ratios[("grad/update_ratio/ln_f", 9)] != pytest.approx(float(1e-3 * grad / size), rel=0.5)
 
 
 def test_vanishing_and_exploding_gradients_are_named_in_the_log(model_with_gradients, caplog):

@@ -167,6 +167,11 @@ def test_the_data_module_never_holds_the_corpus_in_memory(folder, tmp_path):
     x, y = dm.val_set.tensors
     assert x.shape == y.shape == (8, 16)
     assert torch.equal(x[:, 1:], y[:, :-1])  # each target window is its input shifted by one token
+    for seeds, same in [({"seed": 2}, True), ({"val_seed": 2}, False)]:  # the validation's own seed picks them
+        other = CorpusDataModule(path=str(folder), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4,
+                                 val_batches=2, **seeds)
+        other.setup("fit")
+        assert torch.equal(other.val_set.tensors[0], x) == same
     stream = iter(dm.train_dataloader())
     assert next(stream)[0].shape == (4, 16)
 

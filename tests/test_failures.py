@@ -115,7 +115,10 @@ def test_bad_sampling_inputs_get_a_clear_message(overrides, message, earlier_run
 
 
 @pytest.mark.slow
-def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_written(earlier_run, text_file):
+def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_written(earlier_run, text_file,
+                                                                                   tmp_path_factory):
+    no_checkpoint = tmp_path_factory.mktemp("diverged")  # a run that stopped before its first checkpoint
+    shutil.copytree(earlier_run / "tensorboard", no_checkpoint / "tensorboard")
     (earlier_run / ".hydra").mkdir()
     (earlier_run / ".hydra" / "config.yaml").write_text("seed: 1\n")  # the earlier run's record, which Hydra would replace
     before = snapshot(earlier_run)
@@ -124,6 +127,8 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_writ
                                            f".* Resume that run with: python train.py ckpt_path={earlier_run}"),
         (["-m", f"hydra.sweep.dir={earlier_run.parent}"], f"error: hydra.sweep.dir={earlier_run.parent} already "
                                                            "holds the runs of 1 jobs .*in earlier\\)"),
+        ([f"hydra.run.dir={no_checkpoint}"], "already holds a run .*it saved no checkpoint, so it "
+                                                           "cannot be resumed\\)\\. Start the new one in another"),
     ]:
         out = subprocess.run([sys.executable, "train.py", *args, *TINY, f"data.path={text_file}"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import shutil
 import signal
@@ -53,7 +54,7 @@ def image_steps(run_dir: Path) -> dict[str, list[int]]:
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path):
-    args = RESUMABLE + [f"data.path={text_file}"]
+    args = RESUMABLE + [f"data.path={text_file}", "logger=[tensorboard,csv]"]
     uninterrupted = run_train(args, tmp_path / "a")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     expected = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
@@ -86,6 +87,8 @@ def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path
         assert curve["val/loss_best"] == expected_curve["val/loss_best"]  # the best before the kill was kept
         assert image_steps(run_dir) == image_steps(tmp_path / "a"), name  # the same validations drawn
         assert image_steps(run_dir)["attention/layer_0"] == [6, 24]
+        # metrics.csv too: the rows before the checkpoint kept (Lightning's writer would delete them), none twice
+        assert (run_dir / "csv" / "metrics.csv").read_text() == (tmp_path / "a" / "csv" / "metrics.csv").read_text()
         assert not (tmp_path / f"{name}_resume_log" / "checkpoints").exists()  # nothing went to a new folder
 
 
@@ -197,7 +200,7 @@ def test_checkpoints_load_without_unpickling_any_class_and_hold_what_a_resume_ne
     checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(checkpoint["rng_states"]) >= {"torch"}
     assert any(key.startswith("StepCheckpoint") for key in checkpoint["callbacks"])
-    assert checkpoint["val_loss_best"] == pytest.approx(trained_run[1]["val/loss_best"])
+    assert checkpoint["val_loss_best"] == pytest.approx(min(v for _, v in scalars(trained_run[0])["val/loss"]))
 
 
 @pytest.mark.parametrize("overrides, last_step", [
@@ -248,3 +251,21 @@ def test_ctrl_c_says_how_to_resume(text_file, tmp_path, caplog):
     assert f"Interrupted at step 25; the last checkpoint is from step 20. Resume with: python train.py ckpt_path={tmp_path}" \
         in caplog.text
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 20
+
+
+def test_a_checkpoint_from_before_val_loss_best_and_val_seed_resumes_with_its_best_and_windows(trained_run, cfg_tiny,
+                                                                                                caplog):
+    run = Path(cfg_tiny.run_dir) / "old"
+    shutil.copytree(trained_run[0], run)
+    last = run / "checkpoints" / "last.ckpt"
+    old = torch.load(last, weights_only=True)
+    best = old.pop("val_loss_best")
+    del old["datamodule_hyper_parameters"]["val_seed"]
+    old["datamodule_hyper_parameters"]["seed"] = 7  # its windows were drawn with its training seed then
+    torch.save(old, last)
+    with open_dict(cfg_tiny):
+        cfg_tiny.ckpt_path, cfg_tiny.trainer.max_steps = str(run), 41  # one more step, no validation
+    with caplog.at_level(logging.INFO):
+        metrics = train.train(cfg_tiny)
+    assert metrics["val/loss_best"] == pytest.approx(best)  # from the checkpoint callback's record
+    assert "drew its validation windows with seed=7 (before data.val_seed): it keeps them" in caplog.text
