@@ -17,7 +17,6 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
@@ -34,12 +33,12 @@ from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.callbacks.run_summary import global_batch
 from minigpt.callbacks.startup import StartupTimes
 from minigpt.callbacks.step_checkpoint import last_saved_step
-from minigpt.checkpoint import find_checkpoint, load_checkpoint
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.corpus import TokenFileChanged
 from minigpt.data import WindowsDataModule
 from minigpt.model import check_compile, compile_model
 from minigpt.module import OPTIMIZERS, MiniGPTModule
+from minigpt.resume import check_resumable, keep_validation_windows, resume_point
 from minigpt.run_folder import ckpt_path_arg, hydra_value, shown
 
 log = logging.getLogger(__name__)
@@ -154,67 +153,6 @@ def take_launch_time() -> float:
     global LAUNCHED
     launched, LAUNCHED = (LAUNCHED if LAUNCHED is not None else time.perf_counter()), None
     return launched
-
-
-def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint `cfg.ckpt_path` names, loaded (weights only), and the run folder it continues in."""
-    if not cfg.ckpt_path:
-        return None, None
-    ckpt_file = find_checkpoint(cfg.ckpt_path, prefer="last")
-    checkpoint = load_checkpoint(ckpt_file)
-    if "global_step" not in checkpoint:
-        raise ValueError(f"ckpt_path={ckpt_file} holds no training state to resume from (no global_step). Resume "
-                         "from a run's last.ckpt or its run folder.")
-    if ckpt_file.parent.name == "checkpoints":  # <run folder>/checkpoints/<file>: checkpoints and events go on there
-        cfg.run_dir = os.path.abspath(ckpt_file.parent.parent)
-    log.info("Resuming from %s at step %d; writing to %s", ckpt_file, checkpoint["global_step"], cfg.run_dir)
-    return ckpt_file, checkpoint
-
-
-def keep_validation_windows(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
-    """A run started before data.val_seed drew its validation windows with its training seed: resumed, it keeps them,
-    so that val/loss and the best checkpoint go on being compared on the same windows."""
-    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
-    if "val_seed" in cfg.data and "seed" in recorded and "val_seed" not in recorded:
-        log.info("The checkpoint's run drew its validation windows with seed=%d (before data.val_seed): it keeps "
-                 "them.", recorded["seed"])
-        cfg.data.val_seed = recorded["seed"]
-
-
-def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file: Path) -> None:
-    """Refuse a checkpoint of another vocabulary or model size, naming what differs."""
-    saved = checkpoint.get("hyper_parameters") or {}
-    if not ("vocab" in saved or "bpe" in saved) or "model" not in saved:
-        raise ValueError(f"ckpt_path={ckpt_file} is not a minigpt checkpoint: it has no vocabulary or model sizes.")
-    if "bpe" in saved or "bpe" in module.hparams:
-        if saved.get("bpe") != module.hparams.get("bpe"):
-            then, now = ("a byte-level BPE" if "bpe" in hparams else "characters" for hparams in (saved, module.hparams))
-            raise ValueError(
-                f"ckpt_path={ckpt_file} was trained with another tokenizer ({then}) than this run's data gives "
-                f"({now}). Resume with the data and data.tokenizer it was trained with, or start a "
-                "new run without ckpt_path."
-            )
-    elif saved["vocab"] != (vocab := module.hparams.vocab):
-        only_saved, only_here = ("".join(sorted(set(a) - set(b))) for a, b in ((saved["vocab"], vocab), (vocab, saved["vocab"])))
-        raise ValueError(
-            f"ckpt_path={ckpt_file} was trained on a vocabulary of {len(saved['vocab'])} characters, but this run's "
-            f"text has {len(vocab)} (only in the checkpoint: {only_saved!r}; only in the text: {only_here!r}). "
-            "Resume with the data it was trained on (data.path=...), or start a new run without ckpt_path."
-        )
-    differences = [f"model.{key}={saved['model'].get(key)} in the checkpoint, {value} here"
-                   for key, value in module.hparams.model.items() if saved["model"].get(key) != value]
-    # The optimizer's state comes back as it was saved, settings included: a changed one would be ignored silently.
-    then, now = saved.get("optimizer") or {}, dict(module.hparams.optimizer)
-    changed = [f"optimizer.{key}={then.get(key)} in the checkpoint, {now.get(key)} here"
-               for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
-    if changed:
-        raise ValueError(f"ckpt_path={ckpt_file} was trained with other optimizer settings: {'; '.join(changed)}. "
-                         "A resumed run goes on with the optimizer's saved state, settings included: resume with "
-                         "the settings it was trained with (its .hydra/overrides.yaml has them), or start a new run "
-                         "without ckpt_path.")
-    if differences:
-        raise ValueError(f"ckpt_path={ckpt_file} is a different model: {'; '.join(differences)}. "
-                         "Resume with the model settings it was trained with (e.g. the same model=...).")
 
 
 def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list, module: MiniGPTModule) -> None:

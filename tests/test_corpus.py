@@ -19,6 +19,7 @@ from minigpt.corpus import TokenFile, read_chunks, tokenize_corpus
 from minigpt.data import CorpusDataModule, RandomWindows, windows
 from minigpt.tokenizer import BPETokenizer, CharTokenizer, token_dtype
 from minigpt.inspect import inspect
+from minigpt.resume import check_resumable
 from tests.conftest import ROOT, TINY, compose_train, make_text
 from tests.test_inspect import compose_inspect
 
@@ -236,7 +237,7 @@ def test_resuming_with_another_tokenizer_is_refused(tmp_path):
     assert module.model.config.vocab_size == bpe.vocab_size
     char_checkpoint = {"hyper_parameters": {"vocab": "abc", "model": sizes}}
     with pytest.raises(ValueError, match=r"another tokenizer \(characters\) .* \(a byte-level BPE\)"):
-        train.check_resumable(char_checkpoint, module, tmp_path / "last.ckpt")
+        check_resumable(char_checkpoint, module, tmp_path / "last.ckpt")
 
 
 def test_processes_started_together_tokenize_once(folder, tmp_path, monkeypatch):
