@@ -54,22 +54,32 @@ class CSVLogger(_StepsDone, loggers.CSVLogger):
         if self._experiment is not None or self.purge_step is None or rank_zero_only.rank != 0:
             return super().experiment
         file = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
-        if not file.is_file():
-            return super().experiment
-        with file.open(newline="") as f:
-            reader = csv.DictReader(f)
-            keys, rows = reader.fieldnames or [], [row for row in reader if int(row["step"]) < self.purge_step]
-        kept = file.with_name(f".{file.name}.resumed")  # out of the writer's way while it starts, then back
-        with atomic_write(kept) as f:
-            text = io.StringIO(newline="")
-            writer = csv.DictWriter(text, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.write(text.getvalue().encode())
-        file.unlink()
+        kept = file.with_name(f".{file.name}.resumed")  # the rows wait here while Lightning's writer starts
+        if file.is_file():
+            keys, rows = rows_before(file, self.purge_step)
+            with atomic_write(kept) as f:
+                text = io.StringIO(newline="")
+                writer = csv.DictWriter(text, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+                f.write(text.getvalue().encode())
+            file.unlink()
         with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not so here
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             experiment = super().experiment
-        os.replace(kept, file)
-        experiment.metrics_keys = sorted(keys)  # its header, which Lightning's writer appends under
+        if kept.is_file():  # also one that a resume killed right here left behind
+            with kept.open(newline="") as f:
+                keys = next(csv.reader(f), [])
+            os.replace(kept, file)
+            experiment.metrics_keys = keys  # its header, which Lightning's writer appends under
         return experiment
+
+
+def rows_before(file: Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns of a metrics.csv, sorted as Lightning's writer keeps them, and its rows before `step`; a row cut
+    short (a kill in the middle of a write) is left out."""
+    with file.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if None not in row.values() and None not in row
+                and row.get("step", "").isdigit() and int(row["step"]) < step]
+        return sorted(reader.fieldnames or []), rows

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from minigpt.checkpoint import find_checkpoint, load_checkpoint
@@ -36,13 +37,24 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
 
 
 def keep_validation_windows(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
-    """A run started before data.val_seed drew its validation windows with its training seed: resumed, it keeps them,
-    so that val/loss and the best checkpoint go on being compared on the same windows."""
+    """A run started before data.val_seed drew its validation windows with its training seed: resumed, it keeps them
+    (unless the command line sets data.val_seed), so that val/loss and the best checkpoint go on being compared on
+    the same windows. Other windows than the checkpoint's are warned about."""
     recorded = checkpoint.get("datamodule_hyper_parameters") or {}
-    if "val_seed" in cfg.data and "seed" in recorded and "val_seed" not in recorded:
+    then = recorded.get("val_seed", recorded.get("seed"))
+    if then is None or "val_seed" not in cfg.data or then == cfg.data.val_seed:
+        return
+    if "val_seed" not in recorded and not set_on_command_line("data.val_seed"):
         log.info("The checkpoint's run drew its validation windows with seed=%d (before data.val_seed): it keeps "
-                 "them.", recorded["seed"])
-        cfg.data.val_seed = recorded["seed"]
+                 "them.", then)
+        cfg.data.val_seed = then
+        return
+    log.warning("The checkpoint's run validated on windows drawn with seed %d, this run on data.val_seed=%d: val/loss "
+                "and the best checkpoint are compared across two sets of windows.", then, cfg.data.val_seed)
+
+
+def set_on_command_line(key: str) -> bool:
+    return HydraConfig.initialized() and any(o.split("=", 1)[0].lstrip("+~") == key for o in HydraConfig.get().overrides.task)
 
 
 def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file: Path) -> None:

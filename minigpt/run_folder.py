@@ -72,8 +72,8 @@ class RefuseUsedRunFolder(Callback):
         if jobs:
             where = shown(str(sweep))
             raise SystemExit(
-                f"error: hydra.sweep.dir={where} already holds the runs of {len(jobs)} jobs (checkpoints or "
-                f"TensorBoard events in {jobs[0].name}{' and others' if len(jobs) > 1 else ''}): a new sweep there "
+                f"error: hydra.sweep.dir={where} already holds the runs of {len(jobs)} jobs (checkpoints, events or "
+                f"metrics.csv in {jobs[0].name}{' and others' if len(jobs) > 1 else ''}): a new sweep there "
                 "would overwrite them and mix their curves with its own. Start it in another folder (another "
                 f"hydra.sweep.dir, or none for a new dated one), or delete {where} first."
             )

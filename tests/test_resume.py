@@ -269,3 +269,17 @@ def test_a_checkpoint_from_before_val_loss_best_and_val_seed_resumes_with_its_be
         metrics = train.train(cfg_tiny)
     assert metrics["val/loss_best"] == pytest.approx(best)  # from the checkpoint callback's record
     assert "drew its validation windows with seed=7 (before data.val_seed): it keeps them" in caplog.text
+
+
+def test_an_explicit_val_seed_on_resume_is_kept_and_other_windows_are_warned_about(monkeypatch, caplog):
+    from omegaconf import OmegaConf
+
+    from minigpt import resume
+
+    monkeypatch.setattr(resume, "set_on_command_line", lambda key: key == "data.val_seed")  # data.val_seed=99 given
+    for recorded in ({"seed": 7}, {"seed": 1337, "val_seed": 5}):  # a run from before data.val_seed, and a later one
+        cfg = OmegaConf.create({"data": {"val_seed": 99}})
+        with caplog.at_level(logging.WARNING):
+            resume.keep_validation_windows(cfg, {"datamodule_hyper_parameters": recorded})
+        assert cfg.data.val_seed == 99 and "compared across two sets of windows" in caplog.text
+        caplog.clear()
