@@ -24,7 +24,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # private, no public name
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -118,6 +118,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if os.environ.get(METRICS_FILE):  # a multirun job run in a process of its own (run_job_in_new_process)
+        callbacks.append(SweepDivergenceMarker())
     trainer = make_trainer(cfg, callbacks + [startup], loggers)
     if cfg.scheduler.get("warmup_steps", 0) >= trainer.max_steps:
         log.warning("scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate never reaches "
@@ -270,6 +272,15 @@ def run_job_in_new_process(job: HydraConfig) -> float:
         return sweep_score(metrics["val/loss_best"])
 
 
+class SweepDivergenceMarker(Callback):
+    """Tells the multirun job that started this run in a process of its own that the run diverged, as soon as it does:
+    when one DDP rank has exited, Lightning's child-process observer may kill rank zero before its error unwinds."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteLossError) and trainer.is_global_zero:
+            Path(os.environ[METRICS_FILE]).write_text(json.dumps({"diverged": True}))
+
+
 def sweep_score(best_val_loss: float) -> float:
     """What a sweeper minimises: the best val/loss, or inf for a run that never validated (Optuna refuses a nan)."""
     return best_val_loss if not math.isnan(best_val_loss) else math.inf
@@ -310,8 +321,6 @@ def main(cfg: DictConfig) -> float:
         if not isinstance(cause, USER_ERRORS):
             raise  # a bug, not a bad input: keep the traceback
         message = user_message(cause)
-        if isinstance(cause, NonFiniteLossError) and os.environ.get(METRICS_FILE) and rank_zero_only.rank == 0:
-            Path(os.environ[METRICS_FILE]).write_text(json.dumps({"diverged": True}))  # for the job that started it
         for handler in logging.getLogger().handlers:  # into this job's train.log; the console gets `error:` below
             if isinstance(handler, logging.FileHandler):
                 handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
