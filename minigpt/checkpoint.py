@@ -110,12 +110,14 @@ def recorded_best(folder: Path, checkpoint: Path) -> Path | None:
     """The best checkpoint as the run's monitoring ModelCheckpoint recorded it in `checkpoint`, if that file is still
     in `folder` (looked up by name: the run folder may have moved since)."""
     try:
-        states = load_checkpoint(checkpoint).get("callbacks", {})  # mapped: the weights themselves are not read
+        state = monitoring_state(load_checkpoint(checkpoint))  # mapped: the weights themselves are not read
     except ValueError:
         return None
-    for state in states.values():
-        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
-            best = folder / Path(state["best_model_path"]).name
-            if best.is_file():
-                return best
-    return None
+    best = folder / Path(state["best_model_path"]).name if state.get("best_model_path") else None
+    return best if best is not None and best.is_file() else None
+
+
+def monitoring_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The saved state of the run's ModelCheckpoint that monitors val/loss (best_model_path, best_model_score), or {}."""
+    return next((state for state in checkpoint.get("callbacks", {}).values()
+                 if isinstance(state, dict) and state.get("monitor") == "val/loss"), {})

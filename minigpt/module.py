@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.text import Perplexity
 
-from minigpt.checkpoint import hyper_parameters, load_checkpoint
+from minigpt.checkpoint import hyper_parameters, load_checkpoint, monitoring_state
 from minigpt.model import GPT, GPTConfig, eager
 from minigpt.optim import Muon
 from minigpt.tokenizer import tokenizer_from_hparams
@@ -203,11 +203,9 @@ class MiniGPTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
-        self._restored_best = checkpoint.get("val_loss_best")
-        if self._restored_best is None:  # written before the module kept it: the checkpoint callback's record
-            self._restored_best = next((float(state["best_model_score"]) for state in checkpoint.get("callbacks", {}).values()
-                                        if isinstance(state, dict) and state.get("monitor") == "val/loss"
-                                        and state.get("best_model_score") is not None), None)
+        # (a checkpoint written before the module kept its best: the checkpoint callback's record, if any)
+        best = checkpoint.get("val_loss_best", monitoring_state(checkpoint).get("best_model_score"))
+        self._restored_best = None if best is None else float(best)
 
     def on_train_start(self) -> None:
         # Restored here, not on load: creating the data loaders draws from the generator in between.
