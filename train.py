@@ -6,15 +6,10 @@ import time
 
 LAUNCHED = time.perf_counter()  # before the imports below, which take seconds: part of the start-up a run reports
 
-import importlib.util  # noqa: E402
-import json
-import logging
+import logging  # noqa: E402
 import math
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,10 +17,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException, InstantiationException
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # private, no public name
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,8 +33,10 @@ from minigpt.corpus import TokenFileChanged
 from minigpt.data import WindowsDataModule
 from minigpt.model import check_compile, compile_model
 from minigpt.module import OPTIMIZERS, MiniGPTModule
+from minigpt.multirun import (JobFailed, JobProcessFailed, SweepDivergenceMarker, check_plugins, report_to_job,
+                              restarts_script, run_job_in_new_process, runs_for_a_job, sweep_score)
 from minigpt.resume import check_resumable, keep_validation_windows, resume_point
-from minigpt.run_folder import ckpt_path_arg, hydra_value, shown
+from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +56,6 @@ OmegaConf.register_new_resolver(
 OmegaConf.register_new_resolver(
     "on_rank_zero", lambda value, otherwise: value if rank_zero_only.rank == 0 else otherwise, replace=True
 )
-# Where a job run by run_job_in_new_process leaves its metrics for the job that started it.
-METRICS_FILE = "MINIGPT_METRICS_FILE"
-# Hydra overrides of the sweep, not of its jobs: a job run by job_command leaves them out.
-SWEEP_SETTINGS = ("hydra.mode", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher", "hydra.sweep",
-                  "hydra.run", "hydra.output_subdir")
-# Config choices that need a Hydra plugin from one of the project's optional extras: (choice, plugin, extra).
-PLUGINS = [
-    ("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "search"),
-    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "search"),
-    ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "slurm"),
-    ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm"),
-]
 # The training stream is an endless iterable that builds whole batches by one gather: workers would only add overhead.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 # Raised inside Lightning 2.6 by newer PyTorch (the second by its all_gather under DDP); nothing a user can act on.
@@ -118,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    if os.environ.get(METRICS_FILE):  # a multirun job run in a process of its own (run_job_in_new_process)
+    if runs_for_a_job():  # a multirun job run in a process of its own (run_job_in_new_process)
         callbacks.append(SweepDivergenceMarker())
     trainer = make_trainer(cfg, callbacks + [startup], loggers)
     if cfg.scheduler.get("warmup_steps", 0) >= trainer.max_steps:
@@ -218,76 +203,16 @@ def check_gpus(trainer: DictConfig) -> None:
         )
 
 
-def restarts_script(cfg: DictConfig) -> bool:
-    """Whether Lightning would start this run's other processes by running this script again (`trainer=ddp` on
-    several devices, not under torchrun or SLURM, which start every process themselves)."""
-    with warnings.catch_warnings():  # the Trainer built for the run says all this again
+def planned_strategy(cfg: DictConfig) -> Strategy:
+    """The strategy (DDP, single device, ...) that the run's Trainer will have, found without the Trainer's messages:
+    the run's own Trainer says them."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.disable(logging.INFO)
         try:
-            strategy = make_trainer(cfg, [], []).strategy
+            return make_trainer(cfg, [], []).strategy
         finally:
             logging.disable(logging.NOTSET)
-    launcher = strategy.launcher
-    return (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
-            and not strategy.cluster_environment.creates_processes_externally)
-
-
-class JobProcessFailed(RuntimeError):
-    """The new process that ran a multirun job as a run of its own failed; it has printed its own error."""
-
-
-def job_command(job: HydraConfig) -> list[str]:
-    """`python train.py` with this multirun job's overrides, as a single run that writes to the job's folder."""
-    command = [sys.executable, str(Path(__file__).resolve()), f"--config-name={job.job.config_name}"]
-    command += [f"--config-dir={source.path}" for source in job.runtime.config_sources
-                if source.provider == "command-line"]
-    command += [o for o in job.overrides.hydra if not o.lstrip("+~").startswith(SWEEP_SETTINGS)]
-    # hydra.output_subdir=null keeps the job's .hydra (its overrides, for `minigpt.report`); both log to train.log.
-    # hydra.mode=RUN: a config can ask for a multirun itself (hparams_search/*.yaml do).
-    return command + [*job.overrides.task, f"hydra.run.dir={hydra_value(job.runtime.output_dir)}",
-                      "hydra.output_subdir=null", "hydra.mode=RUN"]
-
-
-def run_job_in_new_process(job: HydraConfig) -> float:
-    """Run this multirun job as a single run in a process of its own, and return its best val/loss.
-
-    Lightning starts a DDP run's other ranks by running the script again with its arguments: under a multirun
-    they would each start the whole sweep again (Lightning issue #11300). Started as a single run with the job's
-    overrides, in the job's folder, the job starts its ranks the way `python train.py trainer=ddp` does.
-    """
-    command = job_command(job)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "metrics.json"
-        log.info("Running this job as a run of its own in a new process, which starts the run's other processes")
-        status = subprocess.run(command, cwd=hydra.utils.get_original_cwd(),
-                                env={**os.environ, METRICS_FILE: str(result)}).returncode
-        metrics = json.loads(result.read_text()) if result.is_file() else {}
-        if status != 0 and metrics.get("diverged"):  # it printed its error; in a sweep a divergence is a result
-            print("error: this job diverged (its error is above). In this sweep the job scores inf.", file=sys.stderr)
-            return math.inf
-        if status != 0:
-            raise JobProcessFailed(f"this job's training process exited with status {status}: see its error above "
-                                   f"and {job.runtime.output_dir}/train.log")
-        return sweep_score(metrics["val/loss_best"])
-
-
-class SweepDivergenceMarker(Callback):
-    """Tells the multirun job that started this run in a process of its own that the run diverged, as soon as it does:
-    when one DDP rank has exited, Lightning's child-process observer may kill rank zero before its error unwinds."""
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, NonFiniteLossError) and trainer.is_global_zero:
-            Path(os.environ[METRICS_FILE]).write_text(json.dumps({"diverged": True}))
-
-
-def sweep_score(best_val_loss: float) -> float:
-    """What a sweeper minimises: the best val/loss, or inf for a run that never validated (Optuna refuses a nan)."""
-    return best_val_loss if not math.isnan(best_val_loss) else math.inf
-
-
-class JobFailed(CompactHydraException):
-    """A multirun job's error, printed by Hydra without a traceback once the other jobs have run."""
 
 
 # Mistakes in the input, diverged runs and data changed under a run: reported in one paragraph, not as a traceback.
@@ -310,11 +235,10 @@ def main(cfg: DictConfig) -> float:
         if choice in OPTIMIZERS and cfg.optimizer.name != choice:  # the signature check passes AdamW's own settings
             raise ValueError(f"optimizer.name={cfg.optimizer.name} renames optimizer={choice} and keeps its settings "
                              f"(lr {cfg.optimizer.lr}, ...): choose optimizer={cfg.optimizer.name}, which brings its own.")
-        if HydraConfig.get().mode == RunMode.MULTIRUN and restarts_script(cfg):
-            return run_job_in_new_process(HydraConfig.get())
+        if HydraConfig.get().mode == RunMode.MULTIRUN and restarts_script(planned_strategy(cfg)):
+            return run_job_in_new_process(HydraConfig.get(), Path(__file__).resolve())
         metrics = train(cfg)
-        if os.environ.get(METRICS_FILE) and rank_zero_only.rank == 0:  # a job run by run_job_in_new_process
-            Path(os.environ[METRICS_FILE]).write_text(json.dumps(metrics))
+        report_to_job(metrics)
         return sweep_score(metrics["val/loss_best"])
     except Exception as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
@@ -340,27 +264,6 @@ def user_message(err: BaseException) -> str:
     if "Original Traceback" in message:
         message = message.rsplit(f"{type(err).__name__}: ", 1)[-1].strip()
     return message
-
-
-def is_installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package (hydra_plugins) is missing too
-        return False
-
-
-def check_plugins(args: list[str]) -> None:
-    """Name the extra to install when the command line picks a sweeper or launcher whose plugin is missing, and
-    refuse a SLURM launcher where SLURM is not: Hydra would say only that the config is not among the options it
-    knows, and submitit would fail with a traceback after the sweep had started."""
-    for arg in args:
-        for choice, plugin, extra in PLUGINS:
-            if arg.lstrip("+~").startswith(choice) and not is_installed(plugin):
-                raise SystemExit(f"error: {arg} needs the Hydra plugin {plugin.split('.')[-1]}, which is not installed. "
-                                 f"Install it with the project's extra: pip install -e \".[{extra}]\"")
-        if arg in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") and shutil.which("sbatch") is None:
-            raise SystemExit(f"error: {arg} submits SLURM jobs with sbatch, which is not on this machine's PATH. Run "
-                             "it on the cluster's login node, or try the sweep here with hydra/launcher=submitit_local.")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 
 import train
+from minigpt import multirun
 from minigpt.callbacks.batch_fingerprints import fingerprint
 from minigpt.callbacks.divergence import NonFiniteLossError, StopOnNonFiniteLoss
 from minigpt.data import RandomWindows
@@ -57,7 +58,7 @@ def test_only_runs_whose_processes_lightning_starts_leave_a_multirun_job(cfg_tin
         cfg = compose_train(overrides)
         with open_dict(cfg):
             cfg.run_dir = cfg_tiny.run_dir
-        return train.restarts_script(cfg)
+        return multirun.restarts_script(train.planned_strategy(cfg))
 
     assert restarts("trainer=ddp_cpu")  # Lightning would run train.py again for rank 1
     assert not restarts("trainer=cpu") and not restarts("trainer=ddp_cpu", "trainer.devices=1")
@@ -75,7 +76,7 @@ def test_a_multirun_job_becomes_a_single_run_with_the_jobs_overrides_in_the_jobs
             "hydra/launcher=basic", "hydra.sweep.dir=/sweep", "hydra.verbose=true"]).hydra
         with open_dict(job):
             job.runtime.output_dir = "/sweep/0_optimizer.lr=0.001,trainer=ddp_cpu"
-        command = train.job_command(job)
+        command = multirun.job_command(job, ROOT / "train.py")
         assert command[:3] == [sys.executable, str(ROOT / "train.py"), "--config-name=train"]
         run = compose(config_name="train", overrides=command[3:], return_hydra_config=True)
     assert run.hydra.mode == RunMode.RUN  # not the search hparams_search=lr_wd asks for: that would start again
@@ -106,16 +107,16 @@ def test_more_gpus_than_there_are_and_missing_plugins_get_clear_messages(monkeyp
     with pytest.raises(ValueError, match=r"trainer.devices=4 asks for 4 GPUs, but PyTorch sees 2 .* trainer.devices=-1"):
         train.check_gpus(OmegaConf.create({"accelerator": "gpu", "devices": 4}))
     train.check_gpus(OmegaConf.create({"accelerator": "gpu", "devices": -1}))  # every GPU there is
-    monkeypatch.setattr(train, "is_installed", lambda module: False)
+    monkeypatch.setattr(multirun, "is_installed", lambda module: False)
     with pytest.raises(SystemExit, match=r"hparams_search=lr_wd needs the Hydra plugin hydra_optuna_sweeper.*\.\[search\]"):
-        train.check_plugins(["model=tiny", "hparams_search=lr_wd"])
+        multirun.check_plugins(["model=tiny", "hparams_search=lr_wd"])
     with pytest.raises(SystemExit, match=r"hydra/launcher=slurm needs the Hydra plugin hydra_submitit_launcher.*\.\[slurm\]"):
-        train.check_plugins(["hydra/launcher=slurm"])
-    train.check_plugins(["model=tiny", "trainer=ddp_cpu"])  # nothing to check
-    monkeypatch.setattr(train, "is_installed", lambda module: True)
-    monkeypatch.setattr(train.shutil, "which", lambda command: None)
+        multirun.check_plugins(["hydra/launcher=slurm"])
+    multirun.check_plugins(["model=tiny", "trainer=ddp_cpu"])  # nothing to check
+    monkeypatch.setattr(multirun, "is_installed", lambda module: True)
+    monkeypatch.setattr(multirun.shutil, "which", lambda command: None)
     with pytest.raises(SystemExit, match=r"hydra/launcher=slurm submits SLURM jobs with sbatch, which is not on this"):
-        train.check_plugins(["-m", "hydra/launcher=slurm"])
+        multirun.check_plugins(["-m", "hydra/launcher=slurm"])
 
 
 def test_the_slurm_launcher_asks_for_one_task_per_gpu_on_trainer_num_nodes_nodes():
