@@ -56,6 +56,8 @@ OmegaConf.register_new_resolver(
 OmegaConf.register_new_resolver(
     "on_rank_zero", lambda value, otherwise: value if rank_zero_only.rank == 0 else otherwise, replace=True
 )
+# Lightning 2.6 advertises its cloud logger each time a Trainer starts: not news about the run.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in str(record.msg))
 # The training stream is an endless iterable that builds whole batches by one gather: workers would only add overhead.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 # Raised inside Lightning 2.6 by newer PyTorch (the second by its all_gather under DDP); nothing a user can act on.
@@ -82,27 +84,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup("fit")  # the tokenizer, and so the model's size, comes from the text
 
-    module = MiniGPTModule(
-        **datamodule.tokenizer.hparams(),  # the character vocabulary, or the BPE's JSON
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-    )
+    module = make_module(cfg, datamodule)
     if checkpoint is not None:
         check_resumable(checkpoint, module, ckpt_file)
     # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
     compile_model(module.model, cfg.compile, cfg.compile_mode)  # compiles lazily, in the first step
     startup.mark("data and model")
 
-    # An entry set to null (as experiments do to drop one) is skipped.
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    # TensorBoard hides the steps a killed run logged after its last checkpoint, so the curve has no repeats. The
-    # values at the checkpoint's own step (its validation, the loss of the batch that made it) came before it.
-    purge = {"purge_step": checkpoint["global_step"] + 1} if checkpoint is not None else {}
-    loggers = [hydra.utils.instantiate(c, **(purge if c._target_.endswith(("TensorBoardLogger", "CSVLogger")) else {}))
-               for c in (cfg.get("logger") or {}).values() if c is not None]
-    if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks, loggers = make_callbacks_and_loggers(cfg, resumed_step=None if checkpoint is None else checkpoint["global_step"])
     if runs_for_a_job():  # a multirun job run in a process of its own (run_job_in_new_process)
         callbacks.append(SweepDivergenceMarker())
     trainer = make_trainer(cfg, callbacks + [startup], loggers)
@@ -133,6 +122,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.checkpoint_callbacks:
         log.info("Generate text from it: python sample.py %s", ckpt_path_arg(shown(cfg.run_dir)))
     return metrics
+
+
+def make_module(cfg: DictConfig, datamodule: WindowsDataModule) -> MiniGPTModule:
+    """The LightningModule for `cfg`'s model, optimizer and schedule, sized by the data module's tokenizer."""
+    return MiniGPTModule(
+        **datamodule.tokenizer.hparams(),  # the character vocabulary, or the BPE's JSON
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+    )
+
+
+def make_callbacks_and_loggers(cfg: DictConfig, resumed_step: int | None = None) -> tuple[list, list]:
+    """`cfg.callbacks` and `cfg.logger`, instantiated; an entry set to null (as experiments do to drop one) is skipped.
+
+    A run resumed from a checkpoint at `resumed_step` has its loggers hide what a killed run logged after it, so the
+    curve has no repeats (the values at the checkpoint's own step, its validation and the loss of the batch that made
+    it, came before it).
+    """
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    purge = {"purge_step": resumed_step + 1} if resumed_step is not None else {}
+    loggers = [hydra.utils.instantiate(c, **(purge if c._target_.endswith(("TensorBoardLogger", "CSVLogger")) else {}))
+               for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks, loggers
 
 
 def take_launch_time() -> float:

@@ -34,7 +34,7 @@ from benchmarks.lesson import LessonGPT, lesson_step  # noqa: E402
 from benchmarks.report import append_results, machine_summary  # noqa: E402
 from minigpt.data import RandomWindows, TextDataModule  # noqa: E402
 from minigpt.model import GPT, GPTConfig, compile_model  # noqa: E402
-from minigpt.module import MiniGPTModule, param_groups, warmup_cosine  # noqa: E402
+from minigpt.module import make_optimizer, make_schedule  # noqa: E402
 
 
 def compose_cfg(args, run_dir: str):
@@ -77,14 +77,11 @@ def run_lightning(args, datamodule: TextDataModule) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_cfg(args, run_dir)
         L.seed_everything(cfg.seed, verbose=False)
-        module = MiniGPTModule(
-            vocab=datamodule.tokenizer.vocab, model=OmegaConf.to_container(cfg.model),
-            optimizer=OmegaConf.to_container(cfg.optimizer), scheduler=OmegaConf.to_container(cfg.scheduler),
-        )
+        module = train.make_module(cfg, datamodule)
         compile_model(module.model, cfg.compile, cfg.compile_mode)
         clock = StepClock(args.warmup)
-        callbacks = [clock] + [train.hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
-        loggers = [train.hydra.utils.instantiate(c) for c in cfg.logger.values()]
+        callbacks, loggers = train.make_callbacks_and_loggers(cfg)
+        callbacks.insert(0, clock)
         trainer = train.make_trainer(cfg, callbacks, loggers)
         trainer.fit(module, datamodule=datamodule)
         return clock.end - clock.start
@@ -110,16 +107,12 @@ def run_plain(args, datamodule: TextDataModule, profiler=None) -> float:
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(vocab_size=datamodule.tokenizer.vocab_size, **cfg.model)).to(device)
     compile_model(model, cfg.compile, cfg.compile_mode)
-    opt = dict(OmegaConf.to_container(cfg.optimizer))
-    opt.pop("name")
-    optimizer = torch.optim.AdamW(param_groups(model, opt.pop("weight_decay", 0.0)), **opt,
-                                  fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        warmup_cosine, warmup_steps=cfg.scheduler.warmup_steps, max_steps=args.warmup + args.steps,
-        min_lr_ratio=cfg.scheduler.min_lr_ratio))
+    optimizer = make_optimizer(model, OmegaConf.to_container(cfg.optimizer), device)
+    schedule = make_schedule(optimizer, OmegaConf.to_container(cfg.scheduler), args.warmup + args.steps)
     tokens = datamodule.train_tokens.to(device)
     batches = iter(RandomWindows(tokens, cfg.model.block_size, args.batch_size, cfg.seed))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=str(cfg.trainer.precision).startswith("bf16"))
+    clip = cfg.trainer.gradient_clip_val
 
     def step() -> None:
         x, y = next(batches)
@@ -127,7 +120,8 @@ def run_plain(args, datamodule: TextDataModule, profiler=None) -> float:
             _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         schedule.step()
 

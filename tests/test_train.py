@@ -237,6 +237,7 @@ def test_a_run_says_where_its_start_up_went(cfg_tiny, caplog, monkeypatch):
     assert all(seconds >= 0 for seconds in phases.values()), line
     assert 0 < total <= wall + 0.05, line  # the start-up is part of the run, not more
     assert "compilation" not in line
+    assert not any("litlogger" in r.getMessage() for r in caplog.records)  # Lightning's advert is left out
 
 
 @pytest.mark.slow
