@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -192,12 +192,14 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if every > cfg.trainer.max_steps * accumulate:
         log.warning("trainer.val_check_interval=%d batches is beyond trainer.max_steps=%d: this run will never "
                     "validate, so it reports no val/loss and keeps no best checkpoint", every, cfg.trainer.max_steps)
-    # Lightning adds a checkpoint callback of its own unless told not to: a run whose config drops them
-    # (callbacks=none, the speed runs) writes none.
+    # Lightning adds a checkpoint callback and a progress bar (counting epochs) of its own unless told not to: a run
+    # whose config drops them (callbacks=none, the speed runs, ~callbacks.progress_bar) has none.
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    progress_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     # Checkpoints are written atomically and read without unpickling code (see minigpt/checkpoint_io.py).
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                   plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing)
+                                   plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing,
+                                   enable_progress_bar=progress_bar)
 
 
 def check_gpus(trainer: DictConfig) -> None:

@@ -77,10 +77,12 @@ def test_under_accumulation_train_loss_is_the_mean_over_the_steps_micro_batches(
         cfg_tiny.callbacks.micro_batches = {"_target_": f"{__name__}.MicroBatchLosses"}
     MicroBatchLosses.losses = []
     train.train(cfg_tiny)
-    logged = read_scalars(Path(cfg_tiny.run_dir) / "tensorboard")[0]["train/loss"]
+    scalars = read_scalars(Path(cfg_tiny.run_dir) / "tensorboard")[0]
+    logged = scalars["train/loss"]
     pairs = MicroBatchLosses.losses
     assert logged.steps == [1, 2, 3, 4, 5, 6] and len(pairs) == 12
     assert logged.values == pytest.approx([(a + b) / 2 for a, b in zip(pairs[::2], pairs[1::2])], rel=1e-6)
+    assert scalars["train/lr/decay"].steps == [1, 2, 3, 4, 5, 6]  # once per optimizer step, not per micro-batch
 
 
 def test_sample_prints_text_that_starts_with_the_prompt(trained_run):
@@ -215,6 +217,11 @@ def test_an_error_from_a_data_loader_worker_is_reported_without_the_workers_trac
                               "recent call last):\n  File \"x.py\", line 1\nminigpt.corpus.TokenFileChanged: gone")
     assert train.user_message(worker) == "gone"
     assert train.user_message(ValueError("plain: message")) == "plain: message"
+
+
+def test_callbacks_none_means_no_checkpoints_and_no_progress_bar_from_lightning_either(cfg_tiny):
+    trainer = train.make_trainer(cfg_tiny, [], [])  # Lightning would add its own, counting epochs
+    assert trainer.checkpoint_callback is None and trainer.progress_bar_callback is None
 
 
 def start_up_line(caplog) -> str:
