@@ -3,20 +3,30 @@
 A second run in a used folder would overwrite the first one's checkpoints, and TensorBoard, the loss curve and the
 sweep report would read both runs' events as one. Hydra writes the run's `.hydra` record into the folder before
 the task starts, so the check is a Hydra callback (conf/train.yaml, `hydra.callbacks`), which runs before that.
+It also locks the folder for as long as the run writes it: two runs started in the same second get the same
+dated folder, and neither has written anything when the other checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+
+from minigpt.checkpoint import find_checkpoint
 
 # What a run leaves that a second run in its folder would overwrite or mix with its own
 RUN_OUTPUTS = ("checkpoints/*.ckpt", "tensorboard/events.out.tfevents.*", "csv/metrics.csv")
@@ -44,13 +54,47 @@ def run_outputs(folder: Path) -> list[Path]:
     return sorted(p for pattern in RUN_OUTPUTS for p in folder.glob(pattern))
 
 
+def claim(folder: Path, key: str) -> int | None:
+    """Take `folder` for this process, or refuse if another process has it: two runs started in the same second
+    get the same dated folder, and neither has written anything when the other looks. The lock (flock on the
+    folder itself: nothing is written) lasts while the returned descriptor stays open, and ends with the process
+    however it ends."""
+    if fcntl is None:  # Windows: not checked
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise SystemExit(
+            f"error: {key}={shown(str(folder))} is being written by another run that is still going (two runs started "
+            "in the same second get the same dated folder). Start this one in another folder, or once the other "
+            "has finished."
+        ) from None
+    return descriptor
+
+
 class RefuseUsedRunFolder(Callback):
-    """Refuse a new run (not a resume) whose folder, or a new multirun whose job folders, already hold a run."""
+    """Refuse a new run (not a resume) whose folder, or a new multirun whose job folders, already hold a run, or
+    are being written by another run."""
+
+    def __init__(self) -> None:
+        self.locks: list[int] = []
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A DDP run's other ranks are started with rank zero's folder, which it has begun to write by then.
+        if rank_zero_only.rank != 0:
+            return
         folder = Path(config.hydra.run.dir)
-        if config.get("ckpt_path") or rank_zero_only.rank != 0 or not (found := run_outputs(folder)):
+        self.hold(folder, "hydra.run.dir")
+        if config.get("ckpt_path"):  # a resumed run: it also writes to its checkpoint's run folder
+            with contextlib.suppress(FileNotFoundError, ValueError):  # the run says what is wrong with the path
+                checkpoint = find_checkpoint(config.ckpt_path, prefer="last")
+                if checkpoint.parent.name == "checkpoints":
+                    self.hold(checkpoint.parent.parent, "ckpt_path")
+            return
+        if not (found := run_outputs(folder)):
             return
         where = shown(str(folder))
         listed = ", ".join(shown(str(p)) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
@@ -68,6 +112,7 @@ class RefuseUsedRunFolder(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
+        self.hold(sweep, "hydra.sweep.dir")
         jobs = [job for job in sorted(sweep.iterdir()) if job.is_dir() and run_outputs(job)] if sweep.is_dir() else []
         if jobs:
             where = shown(str(sweep))
@@ -77,3 +122,17 @@ class RefuseUsedRunFolder(Callback):
                 "would overwrite them and mix their curves with its own. Start it in another folder (another "
                 f"hydra.sweep.dir, or none for a new dated one), or delete {where} first."
             )
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.release()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.release()
+
+    def hold(self, folder: Path, key: str) -> None:
+        if (lock := claim(folder, key)) is not None:
+            self.locks.append(lock)
+
+    def release(self) -> None:
+        while self.locks:
+            os.close(self.locks.pop())

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,31 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_writ
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert re.search(message, out.stderr), out.stderr
         assert snapshot(earlier_run) == before  # .hydra included: refused before Hydra writes
+
+
+@pytest.mark.slow
+def test_a_run_folder_that_another_run_is_writing_is_refused(text_file, tmp_path):
+    """Two runs started in the same second get the same dated folder, and neither has written when the other looks."""
+    folder = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", *TINY, f"data.path={text_file}", "trainer.max_steps=100000",
+                              "trainer.val_check_interval=20", f"hydra.run.dir={folder}"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "checkpoints" / "last.ckpt").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run stopped before its checkpoint"
+            time.sleep(0.5)
+        for args, key in [([f"hydra.run.dir={folder}"], "hydra.run.dir"),
+                          ([f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'resumed'}"], "ckpt_path")]:
+            out = subprocess.run([sys.executable, "train.py", *TINY, f"data.path={text_file}", *args], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+            assert first.poll() is None  # still writing while the second one looked
+            assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+            assert f"error: {key}={folder} is being written by another run that is still going" in out.stderr
+        assert not (tmp_path / "resumed" / ".hydra").exists()  # refused before Hydra wrote its record
+    finally:
+        first.kill()
+        first.wait()
 
 
 @pytest.mark.slow
