@@ -6,8 +6,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from minigpt.checks import is_number, is_whole
 from minigpt.checkpoint import checkpoint_path, find_checkpoint, read_model
 from minigpt.tokenizer import unescape
+
+# Logits divided by less can overflow to inf (the logits' scale is ~10; float32 ends at ~3e38), and sampling fails.
+MIN_TEMPERATURE = 1e-6
 
 
 def sample(cfg: DictConfig) -> list[str]:
@@ -17,9 +21,9 @@ def sample(cfg: DictConfig) -> list[str]:
         if not is_whole(cfg[name]) or cfg[name] <= 0:
             raise ValueError(f"{name} must be a positive whole number, got {cfg[name]!r}"
                              + (" (or null: sample among all tokens)" if name == "top_k" else ""))
-    if isinstance(cfg.temperature, bool) or not isinstance(cfg.temperature, (int, float)) or cfg.temperature <= 0:
-        raise ValueError(f"temperature must be a positive number, got {cfg.temperature!r} (use a small value, "
-                         "e.g. 0.1, for near-greedy sampling)")
+    if not (is_number(cfg.temperature) and cfg.temperature >= MIN_TEMPERATURE):
+        raise ValueError(f"temperature must be a number of at least {MIN_TEMPERATURE:g}, got {cfg.temperature!r} (use a "
+                         "small value, e.g. 0.1, for near-greedy sampling)")
     if not is_whole(cfg.seed):
         raise ValueError(f"seed must be a whole number, got {cfg.seed!r}")
     if cfg.prompt is not None and not isinstance(cfg.prompt, str):
@@ -38,10 +42,6 @@ def sample(cfg: DictConfig) -> list[str]:
     idx = prompt[None].repeat(cfg.num_samples, 1)  # (num_samples, T)
     out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
     return [tokenizer.decode(row) for row in out]
-
-
-def is_whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -10,6 +10,7 @@ import logging  # noqa: E402
 import math
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.callbacks.run_summary import global_batch
 from minigpt.callbacks.startup import StartupTimes
 from minigpt.callbacks.step_checkpoint import last_saved_step
+from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.corpus import TokenFileChanged
 from minigpt.data import WindowsDataModule
@@ -35,7 +37,7 @@ from minigpt.model import check_compile, compile_model
 from minigpt.module import OPTIMIZERS, MiniGPTModule
 from minigpt.multirun import (JobFailed, JobProcessFailed, SweepDivergenceMarker, check_plugins, report_to_job,
                               restarts_script, run_job_in_new_process, runs_for_a_job, sweep_score)
-from minigpt.resume import check_resumable, keep_validation_windows, resume_point
+from minigpt.resume import check_resumable, check_same_data, keep_validation_windows, resume_point
 from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
@@ -74,11 +76,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     startup = StartupTimes(take_launch_time(), compiled=cfg.compile is not False)
     startup.mark("imports")  # and composing the config
     check_compile(cfg.compile)
+    if not is_whole(cfg.seed):
+        raise ValueError(f"seed must be a whole number, got {as_typed(cfg.seed)}")
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
     if checkpoint is None:  # a resumed run has said where it writes
         log.info("Run folder: %s", shown(cfg.run_dir))
     else:
+        check_same_data(cfg, checkpoint, ckpt_file)
         keep_validation_windows(cfg, checkpoint)
     datamodule: WindowsDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
@@ -110,8 +115,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except SystemExit:  # Lightning's answer to Ctrl-C: it shuts down and exits; say where the run can go on from
         if trainer.interrupted:
             saved = max(last_saved_step(trainer), checkpoint["global_step"] if checkpoint is not None else 0)
-            log.info("Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py %s "
-                     "(and the same settings)", trainer.global_step, saved, ckpt_path_arg(shown(cfg.run_dir)))
+            if saved:
+                log.info("Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py "
+                         "%s (and the same settings)", trainer.global_step, saved, ckpt_path_arg(shown(cfg.run_dir)))
+            else:
+                log.info("Interrupted at step %d, before the run saved a checkpoint: there is nothing to resume. "
+                         "Start again in a new folder (or delete %s first)", trainer.global_step, shown(cfg.run_dir))
         raise
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
@@ -171,13 +180,11 @@ def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list, module:
 def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         check_gpus(cfg.trainer)
-    if not (isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps > 0):
-        raise ValueError(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
-    for key, unit in (("accumulate_grad_batches", "batches"), ("val_check_interval", "batches"),
-                      ("log_every_n_steps", "optimizer steps")):
+    for key, unit in (("max_steps", "optimizer steps"), ("accumulate_grad_batches", "batches"),
+                      ("val_check_interval", "batches"), ("log_every_n_steps", "optimizer steps")):
         value = cfg.trainer.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"trainer.{key} must be a positive whole number of {unit}, got {value!r}")
+        if not (is_whole(value) and value > 0):
+            raise ValueError(f"trainer.{key} must be a positive whole number of {unit}, got {as_typed(value)}")
     every, accumulate = cfg.trainer.val_check_interval, cfg.trainer.get("accumulate_grad_batches", 1)
     if every % accumulate:
         raise ValueError(
@@ -186,7 +193,7 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
             f"through a step and could not be resumed exactly. Use a multiple of {accumulate}."
         )
     clip = cfg.trainer.get("gradient_clip_val")
-    if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0):
+    if clip is not None and not (is_number(clip) and clip >= 0):
         raise ValueError(f"trainer.gradient_clip_val must be a norm >= 0 (0 or null: no clipping), got {clip!r}: "
                          "a negative one turns the gradients around")
     if every > cfg.trainer.max_steps * accumulate:
@@ -259,12 +266,11 @@ def main(cfg: DictConfig) -> float:
         return sweep_score(metrics["val/loss_best"])
     except Exception as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
-        if not isinstance(cause, USER_ERRORS):
-            raise  # a bug, not a bad input: keep the traceback
+        if not isinstance(cause, USER_ERRORS):  # a bug, not a bad input: keep the traceback, in train.log too
+            write_to_log_files(f"The run failed:\n{traceback.format_exc().rstrip()}")
+            raise
         message = user_message(cause)
-        for handler in logging.getLogger().handlers:  # into this job's train.log; the console gets `error:` below
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
+        write_to_log_files(message)  # into this job's train.log; the console gets `error:` below
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             if isinstance(cause, NonFiniteLossError):  # an outcome, not a mistake: the sweep goes on and ranks it last
                 print(f"error: {message} In this sweep the job scores inf.", file=sys.stderr)
@@ -272,6 +278,13 @@ def main(cfg: DictConfig) -> float:
             # An Exception lets Hydra run the other jobs; it reports the first failure and exits non-zero at the end.
             raise JobFailed(f"error: {message}") from None
         raise SystemExit(f"error: {message}") from None
+
+
+def write_to_log_files(message: str) -> None:
+    """Write `message` as an error to the log files (train.log) only: the console shows the error its own way."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
 
 
 def user_message(err: BaseException) -> str:

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.text import Perplexity
 
+from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.checkpoint import hyper_parameters, load_checkpoint, monitoring_state
 from minigpt.model import GPT, GPTConfig, eager
 from minigpt.optim import Muon
@@ -119,13 +120,18 @@ class MiniGPTModule(L.LightningModule):
             raise ValueError(f"optimizer={name} does not take the setting(s) {unknown}; it takes {sorted(takes)}. "
                              f"Leave them out, or choose the optimizer with optimizer={name}, which swaps in its own "
                              "settings (optimizer.name= keeps the other optimizer's).")
-        if not optimizer["lr"] > 0:
-            raise ValueError(f"optimizer.lr must be positive, got {optimizer['lr']}")
+        for key in ("lr", "adamw_lr"):
+            if key in optimizer and not (is_number(optimizer[key]) and optimizer[key] > 0):
+                raise ValueError(f"optimizer.{key} must be a positive number, got {optimizer[key]!r}")
+        if "weight_decay" in optimizer and not (is_number(optimizer["weight_decay"]) and optimizer["weight_decay"] >= 0):
+            # given per parameter group, where PyTorch does not check it: a negative one would push weights outwards
+            raise ValueError(f"optimizer.weight_decay must be a number >= 0, got {optimizer['weight_decay']!r}")
         if scheduler["name"] not in SCHEDULES:
             raise ValueError(f"scheduler.name={scheduler['name']!r} is not one of {list(SCHEDULES)}")
-        if scheduler["warmup_steps"] < 0:
-            raise ValueError(f"scheduler.warmup_steps must be 0 or more, got {scheduler['warmup_steps']}")
-        if not 0.0 <= scheduler["min_lr_ratio"] <= 1.0:
+        if not (is_whole(scheduler["warmup_steps"]) and scheduler["warmup_steps"] >= 0):
+            raise ValueError(f"scheduler.warmup_steps must be a whole number of optimizer steps, 0 or more, got "
+                             f"{as_typed(scheduler['warmup_steps'])}")
+        if not (is_number(scheduler["min_lr_ratio"]) and 0.0 <= scheduler["min_lr_ratio"] <= 1.0):
             raise ValueError(f"scheduler.min_lr_ratio is the final learning rate over the peak, between 0 and 1; got "
                              f"{scheduler['min_lr_ratio']}")
         self.tokenizer = tokenizer_from_hparams(vocab, bpe)

@@ -31,9 +31,58 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
         raise ValueError(f"ckpt_path={ckpt_file} holds no training state to resume from (no global_step). Resume "
                          "from a run's last.ckpt or its run folder.")
     if ckpt_file.parent.name == "checkpoints":  # <run folder>/checkpoints/<file>: checkpoints and events go on there
+        check_latest(ckpt_file, checkpoint["global_step"])
         cfg.run_dir = os.path.abspath(ckpt_file.parent.parent)
     log.info("Resuming from %s at step %d; writing to %s", ckpt_file, checkpoint["global_step"], cfg.run_dir)
     return ckpt_file, checkpoint
+
+
+def check_latest(ckpt_file: Path, step: int) -> None:
+    """Refuse to go on in a run folder from a checkpoint older than the folder's last.ckpt: the run's later steps
+    would be cut from its curves and its last.ckpt overwritten (a damaged last.ckpt does not stop a resume)."""
+    last = ckpt_file.parent / "last.ckpt"
+    if ckpt_file.name == last.name or not last.is_file():
+        return
+    try:
+        latest = load_checkpoint(last).get("global_step", -1)
+    except ValueError:
+        return
+    if latest > step:
+        folder = ckpt_file.parent.parent
+        raise ValueError(
+            f"ckpt_path={ckpt_file} is at step {step}, but its run went on to step {latest} ({last.name}): going on "
+            f"from it in {folder} would cut steps {step + 1}-{latest} from the run's curves and overwrite its "
+            f"last.ckpt. Resume the run where it stopped with ckpt_path={folder}, or copy the checkpoint out of "
+            f"{ckpt_file.parent} and resume from the copy to branch a new run folder from step {step}."
+        )
+
+
+def check_same_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_file: Path) -> None:
+    """Refuse to resume on other data than the checkpoint's run trained and validated on (the same characters but
+    another text pass the vocabulary check): val/loss, and so the best checkpoint kept, would compare the two."""
+    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
+    differences = [f"data.{key}={recorded[key]} in the checkpoint, {cfg.data[key]} here" for key in DATA_KEYS
+                   if key in recorded and key in cfg.data and not same_setting(recorded[key], cfg.data[key])]
+    if differences:
+        raise ValueError(
+            f"ckpt_path={ckpt_file} was trained on other data: {'; '.join(differences)}. A resumed run goes on "
+            "comparing val/loss with its earlier validations and keeping its best checkpoint by it: resume with the "
+            "data settings it was trained with (its .hydra/overrides.yaml has them), or start a new run without "
+            "ckpt_path."
+        )
+
+
+# What a run's data is, and which windows it trains and validates on: a resume must not change them.
+DATA_KEYS = ("path", "name", "glob", "tokenizer", "vocab_size", "train_fraction", "val_batches")
+
+
+def same_setting(then: Any, now: Any) -> bool:
+    """Equal, or two spellings of one existing file or folder (a relative path and its absolute one)."""
+    if then == now:
+        return True
+    if isinstance(then, str) and isinstance(now, str) and os.path.exists(then) and os.path.exists(now):
+        return os.path.samefile(then, now)
+    return False
 
 
 def keep_validation_windows(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
@@ -45,11 +94,11 @@ def keep_validation_windows(cfg: DictConfig, checkpoint: dict[str, Any]) -> None
     if then is None or "val_seed" not in cfg.data or then == cfg.data.val_seed:
         return
     if "val_seed" not in recorded and not set_on_command_line("data.val_seed"):
-        log.info("The checkpoint's run drew its validation windows with seed=%d (before data.val_seed): it keeps "
+        log.info("The checkpoint's run drew its validation windows with seed=%s (before data.val_seed): it keeps "
                  "them.", then)
         cfg.data.val_seed = then
         return
-    log.warning("The checkpoint's run validated on windows drawn with seed %d, this run on data.val_seed=%d: val/loss "
+    log.warning("The checkpoint's run validated on windows drawn with seed %s, this run on data.val_seed=%s: val/loss "
                 "and the best checkpoint are compared across two sets of windows.", then, cfg.data.val_seed)
 
 

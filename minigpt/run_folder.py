@@ -80,7 +80,7 @@ class RefuseUsedRunFolder(Callback):
     are being written by another run."""
 
     def __init__(self) -> None:
-        self.locks: list[int] = []
+        self.locks: dict[Path, int] = {}  # the folders this process holds, and their locks
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A DDP run's other ranks are started with rank zero's folder, which it has begun to write by then.
@@ -93,6 +93,14 @@ class RefuseUsedRunFolder(Callback):
                 checkpoint = find_checkpoint(config.ckpt_path, prefer="last")
                 if checkpoint.parent.name == "checkpoints":
                     self.hold(checkpoint.parent.parent, "ckpt_path")
+            if (folder / ".hydra").is_dir():  # e.g. hydra.run.dir=<the run's own folder>
+                where = shown(str(folder))
+                raise SystemExit(
+                    f"error: hydra.run.dir={where} holds a run's record (.hydra), which this resumed run's own "
+                    "record would replace: a resumed run writes its settings and train.log to a folder of its own "
+                    "and goes on writing checkpoints and curves in its checkpoint's run folder. Leave hydra.run.dir "
+                    "out (a new dated folder), or give one that holds no run."
+                )
             return
         if not (found := run_outputs(folder)):
             return
@@ -130,9 +138,10 @@ class RefuseUsedRunFolder(Callback):
         self.release()
 
     def hold(self, folder: Path, key: str) -> None:
-        if (lock := claim(folder, key)) is not None:
-            self.locks.append(lock)
+        folder = folder.resolve()
+        if folder not in self.locks and (lock := claim(folder, key)) is not None:
+            self.locks[folder] = lock
 
     def release(self) -> None:
         while self.locks:
-            os.close(self.locks.pop())
+            os.close(self.locks.popitem()[1])

@@ -38,6 +38,17 @@ class InterruptAt(Callback):
             raise KeyboardInterrupt
 
 
+class RaiseAt(Callback):
+    """A bug: a RuntimeError when step `step` begins."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"a bug at step {self.step}")
+
+
 class PoisonAt(Callback):
     """Make the loss NaN from step `step` on, as a diverging run would."""
 

@@ -59,10 +59,19 @@ CASES = {  # name: (overrides, what the message must say)
     "short": (None, "has 30 characters: too short for block_size=16"),
     "latin1": (None, "is not UTF-8 text .*iconv -f latin1"),
     "other_vocab": (None, "was trained on a vocabulary of .* Resume with the data it was trained on"),
+    "other_data": (["data.train_fraction=0.8"], r"trained on other data: data.train_fraction=0.9 in the checkpoint, 0.8"),
     "n_embd": (["model.n_head=3"], r"n_embd \(32\) must be divisible by n_head \(3\)"),
-    "batch_size": (["data.batch_size=0"], "data.batch_size and data.block_size must be positive, got 0"),
-    "lr": (["optimizer.lr=-0.1"], "optimizer.lr must be positive, got -0.1"),
-    "max_steps": (["trainer.max_steps=0"], "trainer.max_steps must be a positive number of optimizer steps, got 0"),
+    "batch_size": (["data.batch_size=0"], "data.batch_size and data.block_size must be positive whole numbers, got 0"),
+    "batch_size_float": (["data.batch_size=8.0"], r"got 8.0 \(a float: write it as 8\) and 16"),
+    "val_seed": (["data.val_seed=abc"], "data.val_seed must be a whole number, got 'abc'"),
+    "seed": (["seed=abc"], "seed must be a whole number, got 'abc'"),
+    "lr": (["optimizer.lr=-0.1"], "optimizer.lr must be a positive number, got -0.1"),
+    "lr_text": (["optimizer.lr=abc"], "optimizer.lr must be a positive number, got 'abc'"),
+    "weight_decay": (["optimizer.weight_decay=-1"], "optimizer.weight_decay must be a number >= 0, got -1"),
+    "warmup": (["scheduler.warmup_steps=ten"], "scheduler.warmup_steps must be a whole number of optimizer steps"),
+    "dropout": (["model.dropout=abc"], "dropout must be in \\[0, 1\\), got abc"),
+    "max_steps": (["trainer.max_steps=0"], "trainer.max_steps must be a positive whole number of optimizer steps, got 0"),
+    "max_steps_float": (["trainer.max_steps=1e3"], r"got 1000.0 \(a float: write it as 1000\)"),
     "ckpt_missing": (["ckpt_path=/nonexistent/run"], "ckpt_path=/nonexistent/run does not exist"),
     "model_size": (["model.n_layer=3"], "different model: model.n_layer=2 in the checkpoint, 3 here"),
     "gpu": (["trainer=gpu"], "asks for a GPU, but PyTorch sees none .* trainer=cpu"),
@@ -85,7 +94,12 @@ def test_bad_inputs_get_a_clear_message_and_lose_nothing(case, earlier_run, text
     if case == "gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     overrides, message = CASES[case]
-    overrides = overrides or bad_data(tmp_path)[case]
+    if overrides is None:  # the run's data file has changed (or broken) since: its checkpoint names this one
+        overrides = bad_data(tmp_path)[case]
+        last = earlier_run / "checkpoints" / "last.ckpt"
+        checkpoint = torch.load(last, weights_only=True)
+        checkpoint["datamodule_hyper_parameters"]["path"] = compose_train(overrides).data.path
+        torch.save(checkpoint, last)
     # a resume of the earlier run, with one mistake: the resume points run_dir at the earlier run's folder
     cfg = compose_train(TINY + [f"data.path={text_file}", f"ckpt_path={earlier_run}"] + overrides)
     with open_dict(cfg):
@@ -101,7 +115,9 @@ def test_bad_inputs_get_a_clear_message_and_lose_nothing(case, earlier_run, text
     (["max_new_tokens=0"], "max_new_tokens must be a positive whole number, got 0"),
     (["top_k=0"], r"top_k must be a positive whole number, got 0 \(or null"),
     (["num_samples=2.5"], "num_samples must be a positive whole number, got 2.5"),
-    (["temperature=hot"], "temperature must be a positive number, got 'hot'"),
+    (["temperature=hot"], "temperature must be a number of at least 1e-06, got 'hot'"),
+    (["temperature=1e-45"], "temperature must be a number of at least 1e-06, got 1e-45"),  # logits / it: inf
+    (["temperature=nan"], "temperature must be a number of at least 1e-06, got nan"),
     (["prompt=123"], """prompt must be text, but the command line gave the int 123: quote it, e.g. 'prompt="123"'"""),
     (["prompt="], r"prompt must not be empty: give at least one character, e.g. 'prompt=\\n'"),
     (["device=gpu"], "device='gpu' is not a device PyTorch knows"),
@@ -130,6 +146,9 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_writ
                                                            "holds the runs of 1 jobs .*in earlier\\)"),
         ([f"hydra.run.dir={no_checkpoint}"], "already holds a run .*it saved no checkpoint, so it "
                                                            "cannot be resumed\\)\\. Start the new one in another"),
+        ([f"ckpt_path={earlier_run}", f"hydra.run.dir={earlier_run}"],  # the resume's own record would replace it
+         f"error: hydra.run.dir={earlier_run} holds a run's record \\(.hydra\\), which this resumed run's own record "
+         "would replace.* Leave hydra.run.dir out"),
     ]:
         out = subprocess.run([sys.executable, "train.py", *args, *TINY, f"data.path={text_file}"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
@@ -164,10 +183,20 @@ def test_a_run_folder_that_another_run_is_writing_is_refused(text_file, tmp_path
 
 
 @pytest.mark.slow
+def test_a_bug_keeps_its_traceback_on_the_console_and_in_train_log(text_file, tmp_path):
+    out = subprocess.run([sys.executable, "train.py", *TINY, f"data.path={text_file}", f"hydra.run.dir={tmp_path}",
+                          "+callbacks.bug._target_=tests.crash.RaiseAt", "+callbacks.bug.step=3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "RuntimeError: a bug at step 3" in out.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert "The run failed:\nTraceback (most recent call last):" in log and "RuntimeError: a bug at step 3" in log
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["model=huge"], r"Could not find 'model/huge'\s+Available options in 'model':\s+seed\s+small\s+tiny"),
     (["optimizer.learning_rate=1e-3"], r"Could not override 'optimizer.learning_rate'.*Key 'learning_rate' is not in struct"),
-    (["data.batch_size=0"], r"^error: data.batch_size and data.block_size must be positive, got 0 and 16\n$"),
+    (["data.batch_size=0"], r"^error: data.batch_size and data.block_size must be positive whole numbers, got 0 and 16\n$"),
     (["optimizer.name=muon"], r"^error: optimizer.name=muon renames optimizer=adamw .* choose optimizer=muon"),
 ])
 def test_the_command_line_prints_one_paragraph_not_a_traceback(args, message, earlier_run, text_file, tmp_path):
@@ -242,7 +271,7 @@ def test_a_multirun_of_8_jobs_keeps_each_jobs_files_apart_and_survives_a_divergi
             assert "became non-finite at step" in log and not (job / "checkpoints" / "last.ckpt").exists()
             continue
         if float(lr) == -1:
-            assert "optimizer.lr must be positive, got -1" in log and not (job / "checkpoints").exists()
+            assert "optimizer.lr must be a positive number, got -1" in log and not (job / "checkpoints").exists()
             continue
         assert "Finished at step 20" in log and "non-finite" not in log
         checkpoint = load_checkpoint(job / "checkpoints" / "last.ckpt")

@@ -240,17 +240,22 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "file.bin").stat().st_mode & 0o777 == 0o644
 
 
-def test_ctrl_c_says_how_to_resume(text_file, tmp_path, caplog):
+@pytest.mark.parametrize("step, said", [
+    (25, "Interrupted at step 25; the last checkpoint is from step 20. Resume with: python train.py ckpt_path={run}"),
+    (5, "Interrupted at step 5, before the run saved a checkpoint: there is nothing to resume. Start again in a new "
+        "folder (or delete {run} first)"),
+])
+def test_ctrl_c_says_how_to_resume_or_that_there_is_nothing_to_resume(step, said, text_file, tmp_path, caplog):
     cfg = compose_train(TINY + [f"data.path={text_file}", "~callbacks.computation_graph", "~callbacks.attention_maps",
                                 "~callbacks.text_samples", "callbacks.step_checkpoint.every_n_train_steps=10",
-                                "+callbacks.interrupt._target_=tests.crash.InterruptAt", "+callbacks.interrupt.step=25"])
+                                "+callbacks.interrupt._target_=tests.crash.InterruptAt", f"+callbacks.interrupt.step={step}"])
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     with caplog.at_level("INFO", logger="train"), pytest.raises(SystemExit):
         train.train(cfg)
-    assert f"Interrupted at step 25; the last checkpoint is from step 20. Resume with: python train.py ckpt_path={tmp_path}" \
-        in caplog.text
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 20
+    assert said.format(run=tmp_path) in caplog.text
+    if step > 10:
+        assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 20
 
 
 def test_a_checkpoint_from_before_val_loss_best_and_val_seed_resumes_with_its_best_and_windows(trained_run, cfg_tiny,
@@ -283,3 +288,40 @@ def test_an_explicit_val_seed_on_resume_is_kept_and_other_windows_are_warned_abo
             resume.keep_validation_windows(cfg, {"datamodule_hyper_parameters": recorded})
         assert cfg.data.val_seed == 99 and "compared across two sets of windows" in caplog.text
         caplog.clear()
+
+
+def test_going_on_from_an_older_checkpoint_of_a_run_that_went_on_is_refused(trained_run, cfg_tiny):
+    from minigpt import resume
+
+    run = Path(cfg_tiny.run_dir) / "run"
+    shutil.copytree(trained_run[0], run)
+    older = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    older["global_step"] = 20
+    torch.save(dict(older), run / "checkpoints" / "step000020.ckpt")
+    with open_dict(cfg_tiny):
+        cfg_tiny.ckpt_path = str(run / "checkpoints" / "step000020.ckpt")
+    with pytest.raises(ValueError, match=r"is at step 20, but its run went on to step 40 \(last.ckpt\): going on from "
+                                         r"it in .* would cut steps 21-40 .* Resume the run where it stopped with"):
+        resume.resume_point(cfg_tiny)
+    shutil.copy(run / "checkpoints" / "step000020.ckpt", run / "branch.ckpt")  # copied out: a new run from it
+    with open_dict(cfg_tiny):
+        cfg_tiny.ckpt_path, cfg_tiny.run_dir = str(run / "branch.ckpt"), str(run / "new")
+    assert resume.resume_point(cfg_tiny)[1]["global_step"] == 20 and cfg_tiny.run_dir == str(run / "new")
+
+
+def test_resuming_on_other_data_is_refused_and_the_same_file_spelled_otherwise_is_not(trained_run, cfg_tiny,
+                                                                                     monkeypatch, tmp_path):
+    from minigpt import resume
+
+    checkpoint = load_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt")
+    trained_on = Path(checkpoint["datamodule_hyper_parameters"]["path"])
+    other = tmp_path / "shuffled.txt"  # the same characters in another order: the vocabulary check passes it
+    other.write_text("".join(sorted(trained_on.read_text(), reverse=True)))
+    for key, value in [("path", str(other)), ("val_batches", 3), ("train_fraction", 0.8)]:
+        cfg = cfg_tiny.copy()
+        cfg.data[key] = value
+        with pytest.raises(ValueError, match=rf"trained on other data: data.{key}=.* in the checkpoint, {value} here"):
+            resume.check_same_data(cfg, checkpoint, Path("last.ckpt"))
+    monkeypatch.chdir(trained_on.parent)
+    cfg_tiny.data.path = trained_on.name  # relative: the same file
+    resume.check_same_data(cfg_tiny, checkpoint, Path("last.ckpt"))
