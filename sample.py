@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 import torch
 from omegaconf import DictConfig
@@ -33,7 +35,9 @@ def sample(cfg: DictConfig) -> list[str]:
     if not prompt_text:
         raise ValueError("prompt must not be empty: give at least one character, e.g. 'prompt=\\n' (a newline)")
     device = pick_device(cfg.device)
-    model, tokenizer = read_model(find_checkpoint(ckpt_path, prefer="best"), map_location=device)
+    checkpoint = find_checkpoint(ckpt_path, prefer="best")
+    model, tokenizer = read_model(checkpoint, map_location=device)
+    print(f"Sampling from {checkpoint}", file=sys.stderr)  # a run folder's best checkpoint, not necessarily its last
     try:
         prompt = tokenizer.encode(prompt_text).long().to(device)
     except ValueError as err:

@@ -37,7 +37,8 @@ from minigpt.model import check_compile, compile_model
 from minigpt.module import OPTIMIZERS, MiniGPTModule
 from minigpt.multirun import (JobFailed, JobProcessFailed, SweepDivergenceMarker, check_plugins, report_to_job,
                               restarts_script, run_job_in_new_process, runs_for_a_job, sweep_score)
-from minigpt.resume import check_resumable, check_same_data, keep_validation_windows, resume_point
+from minigpt.resume import (check_resumable, check_same_data, keep_validation_windows, resume_point,
+                            warn_of_changed_settings)
 from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_compile(cfg.compile)
     if not is_whole(cfg.seed):
         raise ValueError(f"seed must be a whole number, got {as_typed(cfg.seed)}")
+    if is_whole(cfg.data.block_size) and is_whole(cfg.model.block_size) and cfg.data.block_size > cfg.model.block_size:
+        raise ValueError(f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="
+                         f"{cfg.model.block_size}: data.block_size follows model.block_size by default, so set "
+                         f"model.block_size={cfg.data.block_size} instead.")
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
     if checkpoint is None:  # a resumed run has said where it writes
         log.info("Run folder: %s", shown(cfg.run_dir))
     else:
         check_same_data(cfg, checkpoint, ckpt_file)
+        warn_of_changed_settings(cfg, checkpoint)
         keep_validation_windows(cfg, checkpoint)
     datamodule: WindowsDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
@@ -126,8 +132,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics["val/loss_best"] = module.best_val_loss  # this fit's validations and those before its checkpoint
     metrics["step"] = trainer.global_step
-    log.info("Finished at step %d: val/loss %.4f, best val/loss %.4f. Run folder: %s", trainer.global_step,
-             metrics.get("val/loss", float("nan")), metrics["val/loss_best"], shown(cfg.run_dir))
+    latest = f"val/loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "no validation in this process"
+    log.info("Finished at step %d: %s, best val/loss %.4f. Run folder: %s", trainer.global_step, latest,
+             metrics["val/loss_best"], shown(cfg.run_dir))
     if trainer.checkpoint_callbacks:
         log.info("Generate text from it: python sample.py %s", ckpt_path_arg(shown(cfg.run_dir)))
     return metrics

@@ -28,12 +28,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         # mmap: resuming reads the file here for its step and sizes, then again in Lightning; mapped, the tensors
         # are paged in only when used instead of being copied into memory twice.
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as err:  # torch raises pickle, zip and runtime errors alike for a damaged or unsafe file
         raise ValueError(
             f"Could not load checkpoint {path}: it is truncated, damaged, or holds objects other than tensors and "
             f"plain containers, which are never unpickled ({type(err).__name__}: {load_failure(err)})"
         ) from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, where a checkpoint is a "
+                         "dictionary of the model's weights and settings.")
+    return checkpoint
 
 
 def load_failure(err: Exception) -> str:

@@ -58,6 +58,12 @@ def muon_param_groups(model: GPT, adamw_lr: float) -> list[dict[str, Any]]:
             {"params": others, "use_muon": False, "lr": adamw_lr, "weight_decay": 0.0, "name": "adamw"}]
 
 
+def settings_of(name: str) -> set[str]:
+    """The settings optimizer `name` takes: its constructor's arguments (Muon's also the rate of its AdamW group)."""
+    takes = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"params"}
+    return takes | {"adamw_lr"} if name == "muon" else takes
+
+
 def make_optimizer(model: GPT, settings: dict[str, Any], device: torch.device) -> torch.optim.Optimizer:
     """The optimizer that `settings` (an optimizer config: `name` and the optimizer's own arguments) names."""
     settings = dict(settings)
@@ -111,15 +117,14 @@ class MiniGPTModule(L.LightningModule):
             raise ValueError(f"optimizer.name={optimizer['name']!r} is not one of {sorted(OPTIMIZERS)}")
         # The settings go to the optimizer's constructor when training starts (weight decay and Muon's AdamW rate
         # through the parameter groups): one it does not take would fail only then, after the run's folder is set up.
-        takes = set(inspect.signature(OPTIMIZERS[optimizer["name"]]).parameters) - {"params"}
-        if optimizer["name"] == "muon":
-            takes.add("adamw_lr")  # the learning rate of its AdamW group
-        unknown = sorted(set(optimizer) - takes - {"name"})
+        name = optimizer["name"]
+        unknown = sorted(set(optimizer) - settings_of(name) - {"name"})
         if unknown:
-            name = optimizer["name"]
-            raise ValueError(f"optimizer={name} does not take the setting(s) {unknown}; it takes {sorted(takes)}. "
-                             f"Leave them out, or choose the optimizer with optimizer={name}, which swaps in its own "
-                             "settings (optimizer.name= keeps the other optimizer's).")
+            takers = [other for other in OPTIMIZERS if set(unknown) <= settings_of(other)]
+            choose = (f", or choose an optimizer that takes them: {', '.join(f'optimizer={t}' for t in takers)} (each "
+                      "brings its own settings)" if takers else ": no optimizer here takes them")
+            raise ValueError(f"optimizer={name} does not take the setting(s) {unknown}; it takes "
+                             f"{sorted(settings_of(name))}. Leave them out{choose}.")
         for key in ("lr", "adamw_lr"):
             if key in optimizer and not (is_number(optimizer[key]) and optimizer[key] > 0):
                 raise ValueError(f"optimizer.{key} must be a positive number, got {optimizer[key]!r}")
@@ -185,6 +190,10 @@ class MiniGPTModule(L.LightningModule):
             # stalls small models; log only on the steps that are written, which is all the loggers would keep.
             if self._is_logging_step():  # the step's mean over its micro-batches and every rank's (one all-reduce)
                 self.log("train/loss", step_loss, prog_bar=True, sync_dist=True)
+            elif self.global_step == 0:  # the loss at initialisation, ~ln(vocab_size): the curve starts there
+                first = float(self.trainer.strategy.reduce(step_loss, reduce_op="mean"))
+                for logger in self.loggers:
+                    logger.log_metrics({"train/loss": first}, step=0)  # the loggers put it at step 1, as Lightning's
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

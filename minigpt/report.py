@@ -85,9 +85,12 @@ def write_loss_curve(scalars: dict[str, Series], path: str | Path, title: str) -
 
 
 def loss_curve_title(folder: Path, scalars: dict[str, Series]) -> str:
+    """The run's name, wrapped to the figure's width (a multirun job's folder is named after all its overrides), and
+    its best val/loss on a line of its own."""
     name = "/".join(folder.parts[-2:])  # <date>/<time>, or <time>/<job> in a multirun
+    name = textwrap.fill(name.replace(",", ", "), 72)  # what a title of the 8-inch figure holds
     value, step = best(scalars.get("val/loss"))
-    return f"{name}: best val/loss {value:.4f} at step {step}" if step >= 0 else name
+    return f"{name}\nbest val/loss {value:.4f} at step {step}" if step >= 0 else name
 
 
 def process_spans(events_dir: Path) -> list[tuple[float, float]]:
@@ -214,7 +217,7 @@ def report(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: give a run folder (outputs/<date>/<time>) or a multirun "
                                 "folder (outputs/multirun/<date>/<time>).")
-    if (folder / "tensorboard").is_dir():
+    if any((folder / name).is_dir() for name in ("tensorboard", ".hydra", "csv", "checkpoints")):  # a run's folder
         scalars, _ = read_scalars(folder / "tensorboard")
         return [write_loss_curve(scalars, folder / "loss_curve.png", loss_curve_title(folder, scalars))]
     return compare_sweep(folder)

@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 
 def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint `cfg.ckpt_path` names, loaded (weights only), and the run folder it continues in."""
-    if not cfg.ckpt_path:
+    if cfg.ckpt_path is None:
         return None, None
+    if not cfg.ckpt_path:  # ckpt_path=$UNSET_VARIABLE: not a new run, which would write elsewhere without a word
+        raise ValueError("ckpt_path is empty: give a run folder or a .ckpt file to resume from, or leave ckpt_path out "
+                         "to start a new run.")
     ckpt_file = find_checkpoint(cfg.ckpt_path, prefer="last")
     checkpoint = load_checkpoint(ckpt_file)
     if "global_step" not in checkpoint:
@@ -70,6 +73,21 @@ def check_same_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_file: Path
             "data settings it was trained with (its .hydra/overrides.yaml has them), or start a new run without "
             "ckpt_path."
         )
+
+
+def warn_of_changed_settings(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
+    """Warn when the batches or the schedule differ from the checkpoint's run: allowed (a larger batch, a longer
+    warmup), but the resumed run is then not the one an uninterrupted run would have been."""
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    schedule = (checkpoint.get("hyper_parameters") or {}).get("scheduler") or {}
+    changed = [f"data.{key}={data[key]} then, {cfg.data[key]} now" for key in ("batch_size", "seed")
+               if key in data and key in cfg.data and data[key] != cfg.data[key]]
+    changed += [f"scheduler.{key}={schedule[key]} then, {cfg.scheduler[key]} now" for key in sorted(schedule)
+                if key in cfg.scheduler and schedule[key] != cfg.scheduler[key]]
+    if changed:
+        log.warning("This resumed run goes on with other settings than its checkpoint's run: %s. It trains on, but "
+                    "not as the uninterrupted run would have (resume with the run's own overrides, in its "
+                    ".hydra/overrides.yaml, to go on exactly).", "; ".join(changed))
 
 
 # What a run's data is, and which windows it trains and validates on: a resume must not change them.

@@ -6,6 +6,7 @@ import logging
 import math
 import shutil
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -69,7 +70,7 @@ def test_update_ratio_is_the_optimizers_actual_step_against_the_weights(model_wi
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     logged = {}
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({(k, step): v for k, v in metrics.items()}))
-    trainer = SimpleNamespace(global_step=9, is_global_zero=True, loggers=[logger])
+    trainer = SimpleNamespace(global_step=9, is_global_zero=True, loggers=[logger], gradient_clip_val=None)
     module = SimpleNamespace(model=model)
     health = GradientHealth(every_n_steps=10)
     ln_f = [p for n, p in model.named_parameters() if n.startswith("transformer.ln_f")]
@@ -121,6 +122,9 @@ def test_gradient_scalars_are_written_only_on_logging_steps(events):
         norms = [e.value for e in events.Scalars(f"grad/layer/{layer}")]
         assert all(0 < r < 1 for r in ratios), (layer, ratios)  # a step is a small fraction of the weights
         assert all(0 < n < 100 and math.isfinite(n) for n in norms), (layer, norms)
+    # clipping at trainer.gradient_clip_val=1 scales each measured gradient by min(1, 1 / its norm)
+    scales = [e.value for e in events.Scalars("grad/clip_scale")]
+    assert scales == pytest.approx([min(1.0, 1.0 / e.value) for e in events.Scalars("grad/norm_total")], rel=1e-5)
     # the per-layer norms add up to the total
     total = events.Scalars("grad/norm_total")[-1].value
     assert math.sqrt(sum(events.Scalars(f"grad/layer/{layer}")[-1].value ** 2 for layer in LAYERS)) == pytest.approx(total, rel=1e-4)
@@ -143,6 +147,18 @@ def test_attention_maps_have_one_image_per_layer(events, trained_run):
         assert_is_a_picture(pixels)
         assert pixels.shape[1] > pixels.shape[0]  # the 2 heads side by side
         assert (trained_run[0] / f"attention_layer{layer}.png").is_file()
+
+
+def test_attention_maps_are_drawn_every_n_validations_and_at_the_last(cfg_tiny):
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.val_check_interval = 10  # validations at steps 10, 20, 30, 40
+        cfg_tiny.callbacks.attention_maps.every_n_validations = 2
+        for name in ("computation_graph", "text_samples", "gradient_health"):
+            del cfg_tiny.callbacks[name]
+    train.train(cfg_tiny)
+    events = EventAccumulator(str(Path(cfg_tiny.run_dir) / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("attention/layer_0")] == [10, 30, 40]
 
 
 def test_attention_maps_label_each_key_and_query_with_its_character():
@@ -217,6 +233,11 @@ def test_progress_bar_counts_optimizer_steps_not_epochs(text_file, tmp_path, cap
     out = capsys.readouterr().out
     assert "train: 100%" in out and " 4/4 " in out
     assert "Epoch" not in out  # a run is one endless epoch: Lightning's epoch bar would say nothing useful
+    with open_dict(cfg):  # resumed part-way through its epoch, the bar still counts towards max_steps
+        cfg.ckpt_path, cfg.trainer.max_steps, cfg.trainer.val_check_interval = str(tmp_path), 8, 8
+    train.train(cfg)
+    out = capsys.readouterr().out
+    assert out.rstrip().split("\r")[-1].startswith("train: 100%|██████████| 8/8 ")  # the bar's last state
 
 
 def test_a_graph_file_without_a_format_is_refused_before_training():

@@ -73,6 +73,8 @@ CASES = {  # name: (overrides, what the message must say)
     "max_steps": (["trainer.max_steps=0"], "trainer.max_steps must be a positive whole number of optimizer steps, got 0"),
     "max_steps_float": (["trainer.max_steps=1e3"], r"got 1000.0 \(a float: write it as 1000\)"),
     "ckpt_missing": (["ckpt_path=/nonexistent/run"], "ckpt_path=/nonexistent/run does not exist"),
+    "ckpt_empty": (["ckpt_path="], "ckpt_path is empty: give a run folder or a .ckpt file"),  # an unset variable
+    "block_size": (["data.block_size=32"], "data.block_size=32 is longer than the model's context, model.block_size=16"),
     "model_size": (["model.n_layer=3"], "different model: model.n_layer=2 in the checkpoint, 3 here"),
     "gpu": (["trainer=gpu"], "asks for a GPU, but PyTorch sees none .* trainer=cpu"),
     "optimizer": (["optimizer.lr=1e-2", "trainer.max_steps=60"],

@@ -25,8 +25,10 @@ def test_module_is_built_by_hand_without_hydra():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(optimizer={"name": "lion"}), "not one of"), (dict(optimizer={"lr": 0}), "lr must be positive"),
-     (dict(optimizer={"name": "sgd", "betas": [0.9, 0.99]}), r"sgd does not take the setting\(s\) \['betas'\]"),
+    [(dict(optimizer={"name": "lion"}), "not one of"), (dict(optimizer={"lr": 0}), "lr must be a positive number"),
+     (dict(optimizer={"name": "sgd", "betas": [0.9, 0.99]}), r"sgd does not take the setting\(s\) \['betas'\]; .* "
+      r"choose an optimizer that takes them: optimizer=adamw, optimizer=adam, optimizer=muon"),
+     (dict(optimizer={"name": "adamw", "nesterov": True}), r"choose an optimizer that takes them: optimizer=sgd,"),
      (dict(scheduler={"name": "step"}), "not one of"), (dict(model={**SIZES, "n_head": 3}), "divisible")],
 )
 def test_invalid_settings_are_refused(kwargs, message):

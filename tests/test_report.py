@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from minigpt.report import compare_sweep, read_scalars, report
+from minigpt.report import compare_sweep, loss_curve_title, read_scalars, report
 from tests.conftest import ROOT, assert_is_a_picture, decode_png
 
 
@@ -59,6 +61,17 @@ def test_report_explains_a_folder_without_events(tmp_path):
     out = subprocess.run([sys.executable, "-m", "minigpt.report", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode != 0 and "multirun" in out.stderr
+    (tmp_path / "csv").mkdir()  # a run's own folder, made with logger=csv
+    with pytest.raises(FileNotFoundError, match="No TensorBoard events in .* runs made with logger=csv"):
+        report(tmp_path)
+
+
+def test_a_multirun_jobs_loss_curve_title_wraps_its_overrides_and_keeps_its_best(trained_run):
+    scalars, _ = read_scalars(trained_run[0] / "tensorboard")
+    job = Path("/sweep/00-00-00") / ("0_" + ",".join(f"trainer.setting_{i}=1000" for i in range(8)))
+    title = loss_curve_title(job, scalars)
+    assert max(len(line) for line in title.splitlines()) <= 72 and "trainer.setting_7=1000" in title
+    assert re.fullmatch(r"best val/loss \d\.\d{4} at step 40", title.splitlines()[-1])
 
 
 @pytest.mark.slow

@@ -325,3 +325,21 @@ def test_resuming_on_other_data_is_refused_and_the_same_file_spelled_otherwise_i
     monkeypatch.chdir(trained_on.parent)
     cfg_tiny.data.path = trained_on.name  # relative: the same file
     resume.check_same_data(cfg_tiny, checkpoint, Path("last.ckpt"))
+
+
+def test_a_resume_with_other_batches_or_schedule_is_warned_about(trained_run, cfg_tiny, caplog):
+    from minigpt import resume
+
+    checkpoint = load_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt")
+    with caplog.at_level(logging.WARNING):
+        resume.warn_of_changed_settings(cfg_tiny, checkpoint)  # the run's own settings: nothing to say
+        assert not caplog.records
+        cfg_tiny.data.batch_size, cfg_tiny.scheduler.warmup_steps = 4, 7
+        resume.warn_of_changed_settings(cfg_tiny, checkpoint)
+    assert "data.batch_size=8 then, 4 now; scheduler.warmup_steps=5 then, 7 now" in caplog.text
+
+
+def test_a_file_of_tensors_that_is_not_a_checkpoint_is_named_so(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "weights.ckpt")
+    with pytest.raises(ValueError, match="weights.ckpt is not a checkpoint: it holds a Tensor"):
+        load_checkpoint(tmp_path / "weights.ckpt")

@@ -44,7 +44,9 @@ def test_short_run_lowers_val_loss_and_writes_checkpoint_and_events(trained_run)
     assert [e.step for e in events.Scalars("val/loss")] == [20, 40]
     best = next(p.name for p in (run_dir / "checkpoints").glob("step*.ckpt"))
     assert best == f"step{events.Scalars('val/loss')[val.index(min(val))].step:06d}-val_loss{min(val):.4f}.ckpt"
-    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30, 40]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 10, 20, 30, 40]  # the first step's too
+    _, tokenizer = read_model(run_dir / "checkpoints" / "last.ckpt")
+    assert events.Scalars("train/loss")[0].value == pytest.approx(math.log(tokenizer.vocab_size), abs=0.25)  # at init
     assert metrics["val/loss"] == pytest.approx(val[-1], abs=1e-4)
     ppl = events.Scalars("val/ppl")[-1].value
     assert ppl == pytest.approx(math.exp(val[-1]), rel=1e-3)  # torchmetrics' perplexity agrees with the loss

@@ -1,6 +1,6 @@
 """Attention maps: what each head of each layer looks at, on a fixed piece of validation text.
 
-At every `every_n_validations`-th validation, the text goes through the model's explicit attention path
+At every `every_n_validations`-th validation and the last one, the text goes through the model's explicit attention path
 (`GPT.forward_with_attention`; training keeps the fused kernel) and each layer's heads are logged as one image,
 `attention/layer_<i>`, with the tokens on both axes, and saved as `attention_layer<i>.png` in `dirpath`.
 """
@@ -35,7 +35,7 @@ class AttentionMaps(Callback):
         Args:
             text: the text to look at; None = the first `length` tokens of the validation split.
             length: tokens of validation text (with text=None); at most the model's block_size is used.
-            every_n_validations: draw at every n-th validation (each draws one image per layer).
+            every_n_validations: draw at every n-th validation, and at the last (each draws one image per layer).
             dirpath: where to save the latest maps as PNG; None = TensorBoard only.
         """
         if every_n_validations <= 0 or length <= 0:
@@ -56,7 +56,9 @@ class AttentionMaps(Callback):
         if trainer.sanity_checking:
             return
         self.validations += 1
-        if (self.validations - 1) % self.every_n_validations or not trainer.is_global_zero:
+        # and at the run's last validation, so that the saved maps show the trained model, not an early one
+        last = trainer.global_step >= trainer.max_steps or trainer.should_stop
+        if ((self.validations - 1) % self.every_n_validations and not last) or not trainer.is_global_zero:
             return
         block_size = pl_module.model.config.block_size
         if self.text is not None:

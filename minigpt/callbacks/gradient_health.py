@@ -5,6 +5,8 @@ Every `every_n_steps` optimizer steps (by default the steps the loggers write), 
     grad/norm_total               the L2 norm of the whole gradient
     grad/norm/<parameter>         each parameter's gradient norm
     grad/layer/<layer>            each layer's gradient norm, layers grouped as a reader thinks of them
+    grad/clip_scale               what clipping multiplies this gradient by: min(1, trainer.gradient_clip_val /
+                                  grad/norm_total); below 1 on the steps it clips (with clipping by norm only)
     grad/update_ratio/<layer>     |w_after - w_before| / |w_before| over the measured step: the optimizer's actual
                                   update (after clipping, momentum, Adam's scaling, weight decay) against the weights
                                   (~1e-3 is the usual healthy order; much smaller learns nothing, much larger thrashes)
@@ -132,11 +134,15 @@ class GradientHealth(Callback):
         if (trainer.global_step + 1) % self.every_n_steps or not trainer.is_global_zero:
             return
         grad_norms, layers = measure(pl_module.model)
+        total = math.sqrt(sum(n**2 for n in grad_norms.values()))
         metrics = {
-            "grad/norm_total": math.sqrt(sum(n**2 for n in grad_norms.values())),
+            "grad/norm_total": total,
             **{f"grad/norm/{name}": value for name, value in grad_norms.items()},
             **{f"grad/layer/{s.name}": s.grad_norm for s in layers},
         }
+        clip = trainer.gradient_clip_val
+        if clip and trainer.gradient_clip_algorithm in (None, "norm"):  # what clipping will scale this gradient by
+            metrics["grad/clip_scale"] = min(1.0, clip / total) if total > 0 else 1.0
         # Straight to the loggers (which write on rank zero only), at the step Lightning gives the training loss:
         # `self.log` costs about a millisecond of bookkeeping per value, and these are ~100 plain floats.
         for logger in trainer.loggers:

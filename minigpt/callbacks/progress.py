@@ -17,6 +17,10 @@ class StepProgressBar(TQDMProgressBar):
     def train_description(self) -> str:
         return "train"
 
+    def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_start(trainer)
+        self.on_train_epoch_start(trainer)  # Lightning does not call that on a run resumed part-way through its epoch
+
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         # Not TQDMProgressBar's, which would first show "Epoch 0" over the batches of an epoch
         bar = self.train_progress_bar
