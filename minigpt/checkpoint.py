@@ -105,6 +105,11 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    runs = sorted({p.parent.parent for p in path.glob("*/checkpoints/*.ckpt")})
+    if runs:  # a multirun's folder, or outputs/<date>: the runs are inside
+        listed = ", ".join(str(run) for run in runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        raise FileNotFoundError(f"No checkpoint in {path} itself: it holds the folders of {len(runs)} runs with "
+                                f"checkpoints ({listed}). Give one of them as ckpt_path.")
     raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none. Either it stopped before its first "
                             "validation, or its callbacks keep no checkpoint (callbacks=none, experiment=speedrun; "
                             "its .hydra/config.yaml says which).")

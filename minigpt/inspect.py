@@ -13,6 +13,7 @@ run folder has none.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -30,6 +31,8 @@ from minigpt.data import WindowsDataModule
 from minigpt.graph import check_graph_file, render_autograd_graph
 from minigpt.module import MiniGPTModule
 from minigpt.tokenizer import unescape
+
+log = logging.getLogger(__name__)
 
 INSPECTIONS = ("grads", "attention", "graph")
 
@@ -62,7 +65,7 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
 
     ids = text_ids(cfg, module)
     if cfg.what == "attention":
-        figures = attention_figures(model, ids, module.tokenizer.pieces(ids))
+        figures = attention_figures(model, ids, module.tokenizer.pieces(ids), when=f" of {path.name}")
         return [plots.save(figure, out_dir / f"attention_layer{i}.png") for i, figure in enumerate(figures)]
     return [render_autograd_graph(model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file)]
 
@@ -107,9 +110,13 @@ def text_ids(cfg: DictConfig, module: MiniGPTModule) -> torch.Tensor:
     if cfg.text:
         text = unescape(str(cfg.text))  # \n and \t as a newline and a tab, as in sample.py
         try:
-            ids = module.tokenizer.encode(text)[:block_size].long()
+            ids = module.tokenizer.encode(text).long()
         except ValueError as err:
             raise ValueError(f"The text {text!r} cannot be encoded: {err}") from None
+        if len(ids) > block_size:
+            log.warning("text is %d tokens long, and the model's context is %d: only the first %d are used",
+                        len(ids), block_size, block_size)
+            ids = ids[:block_size]
         if len(ids) < 2:
             raise ValueError("text must have at least 2 tokens (the graph needs a next token to predict)")
         return ids

@@ -140,7 +140,8 @@ class Job:
 
 def read_job(folder: Path) -> Job:
     """A job's overrides and, when it wrote any (a job that failed before training did not), its events."""
-    overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
+    record = folder / ".hydra" / "overrides.yaml"  # missing for a job whose .hydra was deleted, or not written
+    overrides = (yaml.safe_load(record.read_text()) or []) if record.is_file() else []
     events = folder / "tensorboard"
     has_events = any(events.glob("events.out.tfevents.*"))
     return Job(folder, [o for o in overrides if not o.startswith("hydra.")],
@@ -171,7 +172,8 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     if not any(multirun_dir.glob("*/tensorboard/events.out.tfevents.*")):
         raise FileNotFoundError(f"No job folders with TensorBoard events under {multirun_dir}: give the folder of a "
                                 "multirun (outputs/multirun/<date>/<time>) or, for one run, its own folder.")
-    folders = sorted((p.parent.parent for p in multirun_dir.glob("*/.hydra/overrides.yaml")),
+    folders = sorted({p.parent.parent for p in multirun_dir.glob("*/.hydra/overrides.yaml")}
+                     | {p.parent.parent for p in multirun_dir.glob("*/tensorboard/events.out.tfevents.*")},
                      key=lambda p: (job_number(p), p.name))
     jobs = [read_job(folder) for folder in folders]
     common = set.intersection(*(set(job.overrides) for job in jobs))
@@ -219,6 +221,9 @@ def report(folder: str | Path) -> list[Path]:
                                 "folder (outputs/multirun/<date>/<time>).")
     if any((folder / name).is_dir() for name in ("tensorboard", ".hydra", "csv", "checkpoints")):  # a run's folder
         scalars, _ = read_scalars(folder / "tensorboard")
+        if not {"train/loss", "val/loss"} & set(scalars):  # drawn, it would replace a curve with an empty chart
+            raise FileNotFoundError(f"{folder / 'tensorboard'} holds no train/loss or val/loss yet: the run stopped "
+                                    "before its first logging step (trainer.log_every_n_steps) and validation.")
         return [write_loss_curve(scalars, folder / "loss_curve.png", loss_curve_title(folder, scalars))]
     return compare_sweep(folder)
 

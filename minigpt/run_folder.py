@@ -59,6 +59,9 @@ def claim(folder: Path, key: str) -> int | None:
     get the same dated folder, and neither has written anything when the other looks. The lock (flock on the
     folder itself: nothing is written) lasts while the returned descriptor stays open, and ends with the process
     however it ends."""
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"error: {key}={shown(str(folder))} is a file, not a folder: give a folder for the run to "
+                         "write to (or leave it out for a new dated one).")
     if fcntl is None:  # Windows: not checked
         return None
     folder.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,7 @@ CASES = {  # name: (overrides, what the message must say)
                   r"callbacks.stop_on_non_finite.check_every_n_steps \(trainer.log_every_n_steps by default\) must be"),
     "samples": (["callbacks.text_samples.temperature=0"], "callbacks.text_samples.max_new_tokens and .temperature must"),
     "min_lr_ratio": (["scheduler.min_lr_ratio=-1"], "scheduler.min_lr_ratio is the final learning rate over the peak"),
+    "patience": (["callbacks.early_stopping.patience=abc"], "callbacks.early_stopping.patience must be a whole number"),
 }
 
 
@@ -148,6 +149,7 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_writ
                                                            "holds the runs of 1 jobs .*in earlier\\)"),
         ([f"hydra.run.dir={no_checkpoint}"], "already holds a run .*it saved no checkpoint, so it "
                                                            "cannot be resumed\\)\\. Start the new one in another"),
+        ([f"hydra.run.dir={earlier_run / 'checkpoints' / 'last.ckpt'}"], "is a file, not a folder"),
         ([f"ckpt_path={earlier_run}", f"hydra.run.dir={earlier_run}"],  # the resume's own record would replace it
          f"error: hydra.run.dir={earlier_run} holds a run's record \\(.hydra\\), which this resumed run's own record "
          "would replace.* Leave hydra.run.dir out"),

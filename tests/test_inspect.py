@@ -46,6 +46,12 @@ def test_attention_maps_of_a_given_text(inspect_cfg):
         assert_is_a_picture(decode_png(path.read_bytes()))
 
 
+def test_a_text_longer_than_the_context_is_cut_and_said_so(inspect_cfg, caplog):
+    with caplog.at_level("WARNING"):
+        written = inspect(inspect_cfg("what=attention", "text='ROMEO: the king and queen'"))  # 25 characters
+    assert len(written) == 2 and "text is 25 tokens long, and the model's context is 16" in caplog.text
+
+
 def test_graph_of_a_checkpoint(inspect_cfg, tmp_path):
     (graph,) = inspect(inspect_cfg("what=graph", "graph_file=loss.svg"))
     assert graph == tmp_path / "loss.svg" and "transformer.wte.weight" in graph.read_text()

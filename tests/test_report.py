@@ -135,3 +135,18 @@ def test_the_sweep_table_lists_failed_diverged_and_resumed_jobs_and_leaves_out_p
     assert f"`{failed.name}` wrote no events: it failed before training" in markdown
     assert f"`{diverged.name}` diverged" in markdown
     assert f"`{resumed.name}` was resumed (2 processes wrote its events)" in markdown
+
+
+def test_a_job_without_its_hydra_record_is_still_compared_and_an_empty_run_is_not_drawn(trained_run, cfg_tiny_global,
+                                                                                        tmp_path):
+    fake_sweep(trained_run, cfg_tiny_global, tmp_path, [["optimizer.lr=1e-3"], ["optimizer.lr=3e-3"]])
+    first, second = sorted(tmp_path.iterdir())
+    shutil.rmtree(second / ".hydra")
+    _, _, table_csv = compare_sweep(tmp_path)
+    assert [row["job"] for row in csv.DictReader(table_csv.open())] == [first.name, second.name]
+    run = tmp_path / "run"
+    with SummaryWriter(run / "tensorboard") as writer:
+        writer.add_text("note", "a run stopped before it logged a loss", 0)
+    with pytest.raises(FileNotFoundError, match="holds no train/loss or val/loss yet"):
+        report(run)
+    assert not (run / "loss_curve.png").exists()

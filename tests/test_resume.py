@@ -343,3 +343,13 @@ def test_a_file_of_tensors_that_is_not_a_checkpoint_is_named_so(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "weights.ckpt")
     with pytest.raises(ValueError, match="weights.ckpt is not a checkpoint: it holds a Tensor"):
         load_checkpoint(tmp_path / "weights.ckpt")
+
+
+def test_a_folder_of_runs_given_as_ckpt_path_names_the_runs_inside(trained_run, tmp_path):
+    from minigpt.checkpoint import find_checkpoint
+
+    for job in ("0_optimizer=adamw", "1_optimizer=sgd"):  # a multirun's folder
+        shutil.copytree(trained_run[0] / "checkpoints", tmp_path / job / "checkpoints")
+    with pytest.raises(FileNotFoundError, match=rf"No checkpoint in {tmp_path} itself: it holds the folders of 2 runs "
+                                                rf"with checkpoints \({tmp_path}/0_optimizer=adamw, "):
+        find_checkpoint(tmp_path)
