@@ -81,8 +81,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"seed must be a whole number, got {as_typed(cfg.seed)}")
     if is_whole(cfg.data.block_size) and is_whole(cfg.model.block_size) and cfg.data.block_size > cfg.model.block_size:
         raise ValueError(f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="
-                         f"{cfg.model.block_size}: data.block_size follows model.block_size by default, so set "
-                         f"model.block_size={cfg.data.block_size} instead.")
+                         f"{cfg.model.block_size}: data.block_size follows model.block_size by default. Leave "
+                         f"data.block_size out, or (in a new run) set model.block_size={cfg.data.block_size} instead.")
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
     if checkpoint is None:  # a resumed run has said where it writes
@@ -189,7 +189,7 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         check_gpus(cfg.trainer)
     for key, unit in (("max_steps", "optimizer steps"), ("accumulate_grad_batches", "batches"),
                       ("val_check_interval", "batches"), ("log_every_n_steps", "optimizer steps")):
-        value = cfg.trainer.get(key, 1)
+        value = cfg.trainer.get(key, None if key == "max_steps" else 1)  # a run of one endless epoch needs max_steps
         if not (is_whole(value) and value > 0):
             raise ValueError(f"trainer.{key} must be a positive whole number of {unit}, got {as_typed(value)}")
     every, accumulate = cfg.trainer.val_check_interval, cfg.trainer.get("accumulate_grad_batches", 1)

@@ -111,7 +111,9 @@ def run_plain(args, datamodule: TextDataModule, profiler=None) -> float:
     schedule = make_schedule(optimizer, OmegaConf.to_container(cfg.scheduler), args.warmup + args.steps)
     tokens = datamodule.train_tokens.to(device)
     batches = iter(RandomWindows(tokens, cfg.model.block_size, args.batch_size, cfg.seed))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=str(cfg.trainer.precision).startswith("bf16"))
+    precision = str(cfg.trainer.precision)  # as Lightning's: bf16-mixed or 16-mixed autocast, 32-true none
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16,
+                              enabled=precision in ("bf16-mixed", "16-mixed"))
     clip = cfg.trainer.gradient_clip_val
 
     def step() -> None:

@@ -223,7 +223,7 @@ def report(folder: str | Path) -> list[Path]:
         scalars, _ = read_scalars(folder / "tensorboard")
         if not {"train/loss", "val/loss"} & set(scalars):  # drawn, it would replace a curve with an empty chart
             raise FileNotFoundError(f"{folder / 'tensorboard'} holds no train/loss or val/loss yet: the run stopped "
-                                    "before its first logging step (trainer.log_every_n_steps) and validation.")
+                                    "before its first step.")
         return [write_loss_curve(scalars, folder / "loss_curve.png", loss_curve_title(folder, scalars))]
     return compare_sweep(folder)
 

@@ -64,6 +64,12 @@ def check_same_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_file: Path
     """Refuse to resume on other data than the checkpoint's run trained and validated on (the same characters but
     another text pass the vocabulary check): val/loss, and so the best checkpoint kept, would compare the two."""
     recorded = checkpoint.get("datamodule_hyper_parameters") or {}
+    then, now = recorded.get("path"), cfg.data.get("path")
+    if isinstance(then, str) and isinstance(now, str) and then != now and not os.path.exists(os.path.expanduser(then)):
+        # the run folder was moved to another machine, or started elsewhere with a relative path: nothing to compare
+        log.warning("The checkpoint's run read data.path=%s, which is not here; this run reads %s: resume only with "
+                    "the same text.", then, now)
+        recorded = {key: value for key, value in recorded.items() if key != "path"}
     differences = [f"data.{key}={recorded[key]} in the checkpoint, {cfg.data[key]} here" for key in DATA_KEYS
                    if key in recorded and key in cfg.data and not same_setting(recorded[key], cfg.data[key])]
     if differences:
@@ -98,8 +104,9 @@ def same_setting(then: Any, now: Any) -> bool:
     """Equal, or two spellings of one existing file or folder (a relative path and its absolute one)."""
     if then == now:
         return True
-    if isinstance(then, str) and isinstance(now, str) and os.path.exists(then) and os.path.exists(now):
-        return os.path.samefile(then, now)
+    if isinstance(then, str) and isinstance(now, str):
+        then, now = os.path.expanduser(then), os.path.expanduser(now)
+        return os.path.exists(then) and os.path.exists(now) and os.path.samefile(then, now)
     return False
 
 

@@ -71,9 +71,9 @@ def claim(folder: Path, key: str) -> int | None:
     except BlockingIOError:
         os.close(descriptor)
         raise SystemExit(
-            f"error: {key}={shown(str(folder))} is being written by another run that is still going (two runs started "
-            "in the same second get the same dated folder). Start this one in another folder, or once the other "
-            "has finished."
+            f"error: {key}={shown(str(folder))} is being written by another run that is still going on this machine "
+            "(two runs started in the same second get the same dated folder). Start this one in another folder, or "
+            "once the other has finished."
         ) from None
     return descriptor
 
@@ -89,6 +89,13 @@ class RefuseUsedRunFolder(Callback):
         # A DDP run's other ranks are started with rank zero's folder, which it has begun to write by then.
         if rank_zero_only.rank != 0:
             return
+        try:
+            self.check_run_folder(config)
+        except BaseException:  # refused: the locks go now, not when this process ends
+            self.release()
+            raise
+
+    def check_run_folder(self, config: DictConfig) -> None:
         folder = Path(config.hydra.run.dir)
         self.hold(folder, "hydra.run.dir")
         if config.get("ckpt_path"):  # a resumed run: it also writes to its checkpoint's run folder
@@ -96,13 +103,15 @@ class RefuseUsedRunFolder(Callback):
                 checkpoint = find_checkpoint(config.ckpt_path, prefer="last")
                 if checkpoint.parent.name == "checkpoints":
                     self.hold(checkpoint.parent.parent, "ckpt_path")
-            if (folder / ".hydra").is_dir():  # e.g. hydra.run.dir=<the run's own folder>
+            record = config.hydra.output_subdir  # null: this process writes no record (a DDP sweep job's)
+            if record and (folder / record).is_dir():  # e.g. hydra.run.dir=<the run's own folder>
                 where = shown(str(folder))
                 raise SystemExit(
-                    f"error: hydra.run.dir={where} holds a run's record (.hydra), which this resumed run's own "
+                    f"error: hydra.run.dir={where} holds a run's record ({record}), which this resumed run's own "
                     "record would replace: a resumed run writes its settings and train.log to a folder of its own "
-                    "and goes on writing checkpoints and curves in its checkpoint's run folder. Leave hydra.run.dir "
-                    "out (a new dated folder), or give one that holds no run."
+                    "and goes on writing checkpoints and curves in its checkpoint's run folder. Give the resume "
+                    f"another hydra.run.dir (e.g. {where}-resumed; under torchrun or srun, the same for every "
+                    "process), or none for a new dated one."
                 )
             return
         if not (found := run_outputs(folder)):
@@ -122,6 +131,8 @@ class RefuseUsedRunFolder(Callback):
         )
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:  # under torchrun or srun every process runs the sweep: rank zero checks
+            return
         sweep = Path(config.hydra.sweep.dir)
         self.hold(sweep, "hydra.sweep.dir")
         jobs = [job for job in sorted(sweep.iterdir()) if job.is_dir() and run_outputs(job)] if sweep.is_dir() else []

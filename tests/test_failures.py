@@ -152,7 +152,7 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_writ
         ([f"hydra.run.dir={earlier_run / 'checkpoints' / 'last.ckpt'}"], "is a file, not a folder"),
         ([f"ckpt_path={earlier_run}", f"hydra.run.dir={earlier_run}"],  # the resume's own record would replace it
          f"error: hydra.run.dir={earlier_run} holds a run's record \\(.hydra\\), which this resumed run's own record "
-         "would replace.* Leave hydra.run.dir out"),
+         "would replace.* Give the resume another hydra.run.dir \\(e.g. .*-resumed"),
     ]:
         out = subprocess.run([sys.executable, "train.py", *args, *TINY, f"data.path={text_file}"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)

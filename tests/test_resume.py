@@ -310,7 +310,7 @@ def test_going_on_from_an_older_checkpoint_of_a_run_that_went_on_is_refused(trai
 
 
 def test_resuming_on_other_data_is_refused_and_the_same_file_spelled_otherwise_is_not(trained_run, cfg_tiny,
-                                                                                     monkeypatch, tmp_path):
+                                                                                     monkeypatch, tmp_path, caplog):
     from minigpt import resume
 
     checkpoint = load_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt")
@@ -325,6 +325,11 @@ def test_resuming_on_other_data_is_refused_and_the_same_file_spelled_otherwise_i
     monkeypatch.chdir(trained_on.parent)
     cfg_tiny.data.path = trained_on.name  # relative: the same file
     resume.check_same_data(cfg_tiny, checkpoint, Path("last.ckpt"))
+    moved = dict(checkpoint, datamodule_hyper_parameters={**checkpoint["datamodule_hyper_parameters"],
+                                                          "path": "/elsewhere/input.txt"})  # the run came from elsewhere
+    with caplog.at_level(logging.WARNING):
+        resume.check_same_data(cfg_tiny, moved, Path("last.ckpt"))
+    assert "read data.path=/elsewhere/input.txt, which is not here" in caplog.text
 
 
 def test_a_resume_with_other_batches_or_schedule_is_warned_about(trained_run, cfg_tiny, caplog):

@@ -56,8 +56,10 @@ class AttentionMaps(Callback):
         if trainer.sanity_checking:
             return
         self.validations += 1
-        # and at the run's last validation, so that the saved maps show the trained model, not an early one
-        last = trainer.global_step >= trainer.max_steps or trainer.should_stop
+        # and at the run's last validation, so that the saved maps show the trained model, not an early one: the
+        # next would come after max_steps (Lightning adds no validation at the end of a run of one endless epoch)
+        steps_between = trainer.val_check_batch // trainer.accumulate_grad_batches
+        last = trainer.should_stop or trainer.global_step + steps_between > trainer.max_steps
         if ((self.validations - 1) % self.every_n_validations and not last) or not trainer.is_global_zero:
             return
         block_size = pl_module.model.config.block_size
