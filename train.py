@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     compile_model(module.model, cfg.compile, cfg.compile_mode)  # compiles lazily, in the first step
     startup.mark("data and model")
 
-    callbacks, loggers = make_callbacks_and_loggers(cfg, resumed_step=None if checkpoint is None else checkpoint["global_step"])
+    callbacks, loggers = make_callbacks_and_loggers(cfg, None if checkpoint is None else checkpoint["global_step"])
     if runs_for_a_job():  # a multirun job run in a process of its own (run_job_in_new_process)
         callbacks.append(SweepDivergenceMarker())
     trainer = make_trainer(cfg, callbacks + [startup], loggers)

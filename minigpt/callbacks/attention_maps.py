@@ -1,8 +1,8 @@
 """Attention maps: what each head of each layer looks at, on a fixed piece of validation text.
 
-At every `every_n_validations`-th validation and the last one, the text goes through the model's explicit attention path
-(`GPT.forward_with_attention`; training keeps the fused kernel) and each layer's heads are logged as one image,
-`attention/layer_<i>`, with the tokens on both axes, and saved as `attention_layer<i>.png` in `dirpath`.
+At every `every_n_validations`-th validation and the last one, the text goes through the model's explicit
+attention path (`GPT.forward_with_attention`; training keeps the fused kernel) and each layer's heads are logged as
+one image, `attention/layer_<i>`, with the tokens on both axes, and saved as `attention_layer<i>.png` in `dirpath`.
 """
 
 from __future__ import annotations
