@@ -100,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resumable(checkpoint, module, ckpt_file)
     # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
     compile_model(module.model, cfg.compile, cfg.compile_mode)  # compiles lazily, in the first step
+    if cfg.compile is not False and not hasattr(torch.compiler, "set_stance"):  # PyTorch < 2.6 cannot run it eagerly:
+        module.example_input_array = None  # the model summary's pass of one window would compile a graph of its own
     startup.mark("data and model")
 
     callbacks, loggers = make_callbacks_and_loggers(cfg, None if checkpoint is None else checkpoint["global_step"])

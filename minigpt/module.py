@@ -144,6 +144,9 @@ class MiniGPTModule(L.LightningModule):
         self.save_hyperparameters({**self.tokenizer.hparams(), "model": dict(model or {}), "optimizer": optimizer,
                                    "scheduler": scheduler}, logger=False)
         self.model = GPT(GPTConfig(vocab_size=self.tokenizer.vocab_size, **self.hparams.model))
+        # One window: Lightning's model summary runs it through each layer for the in and out sizes and the FLOPs
+        # of a forward pass (without it, a column of zeros; PyTorch's counter leaves out the CPU's fused attention)
+        self.example_input_array = torch.zeros(1, self.model.config.block_size, dtype=torch.long)
         # Validation loss as metrics that sync across DDP ranks: the mean over every window (each rank validates its
         # share), and the lowest of the run, resumes included, which sweeps minimise (lightning-hydra-template's way).
         self.val_loss = MeanMetric(nan_strategy="disable")  # no check (a host sync per batch): a nan shows in the mean
@@ -157,7 +160,8 @@ class MiniGPTModule(L.LightningModule):
         self._rng_states: dict[str, torch.Tensor] | None = None  # from a checkpoint, applied when training starts
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        return self.model(idx, targets)
+        with eager():  # for one-off calls (the model summary, a user's module(x)): training calls the model itself
+            return self.model(idx, targets)
 
     def _is_logging_step(self) -> bool:
         """Whether the loggers write on this step: Lightning's rule, checked before the optimizer step."""

@@ -170,3 +170,14 @@ def test_the_best_of_several_kept_checkpoints_is_the_one_the_run_recorded(tmp_pa
     torch.save({}, folder / "last.ckpt")  # no record (e.g. another callback set-up): the newest kept one
     os.utime(folder / "last.ckpt", (1002, 1002))
     assert find_checkpoint(tmp_path / "moved_run", prefer="best") == folder / "step000200.ckpt"
+
+
+def test_the_model_summary_counts_a_forward_passes_flops():
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    module = MiniGPTModule(vocab=VOCAB, model=SIZES)
+    flops = ModelSummary(module, max_depth=1).total_flops  # Lightning's, through example_input_array
+    # a multiply and an add per weight of each linear layer and token of the window (PyTorch's counter adds the
+    # attention products on GPUs; it does not count the CPU's fused attention kernel)
+    linear = sum(m.weight.numel() for m in module.model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops >= 2 * linear * SIZES["block_size"]
