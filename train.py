@@ -33,7 +33,7 @@ from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.corpus import TokenFileChanged
 from minigpt.data import WindowsDataModule
-from minigpt.model import check_compile, compile_model
+from minigpt.model import CAN_RUN_EAGERLY, check_compile, compile_model
 from minigpt.module import OPTIMIZERS, MiniGPTModule
 from minigpt.multirun import (JobFailed, JobProcessFailed, SweepDivergenceMarker, check_plugins, report_to_job,
                               restarts_script, run_job_in_new_process, runs_for_a_job, sweep_score)
@@ -100,8 +100,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resumable(checkpoint, module, ckpt_file)
     # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
     compile_model(module.model, cfg.compile, cfg.compile_mode)  # compiles lazily, in the first step
-    if cfg.compile is not False and not hasattr(torch.compiler, "set_stance"):  # PyTorch < 2.6 cannot run it eagerly:
-        module.example_input_array = None  # the model summary's pass of one window would compile a graph of its own
+    if cfg.compile is not False and not CAN_RUN_EAGERLY:  # the model summary's pass of one window would compile
+        module.example_input_array = None  # a graph of its own
     startup.mark("data and model")
 
     callbacks, loggers = make_callbacks_and_loggers(cfg, None if checkpoint is None else checkpoint["global_step"])

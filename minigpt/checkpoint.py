@@ -87,6 +87,11 @@ def checkpoint_path(cfg: DictConfig, command: str) -> str:
     return cfg.ckpt_path
 
 
+def run_folder_of(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint file belongs to (`<run folder>/checkpoints/<file>`), or None for a loose file."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
 def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
     """A checkpoint file given as itself or as a run folder: its `last.ckpt`, or with prefer="best" the best one."""
     path = Path(path).expanduser()

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from minigpt import plots
 from minigpt.callbacks.attention_maps import attention_figures
 from minigpt.callbacks.gradient_health import measure
-from minigpt.checkpoint import checkpoint_path, find_checkpoint
+from minigpt.checkpoint import checkpoint_path, find_checkpoint, run_folder_of
 from minigpt.data import WindowsDataModule
 from minigpt.graph import check_graph_file, render_autograd_graph
 from minigpt.module import MiniGPTModule
@@ -48,10 +48,11 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
     path = find_checkpoint(ckpt_path, prefer="best")
     module = MiniGPTModule.from_checkpoint(path)
     model = module.model.eval()  # no dropout: the numbers are those of the model itself
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    in_run = run_folder_of(path)
+    run_dir = in_run if in_run is not None else path.parent
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "inspect"
     recorded = run_dir / ".hydra"
-    if data_from_run and path.parent.name == "checkpoints" and (recorded / "config.yaml").is_file():
+    if data_from_run and in_run is not None and (recorded / "config.yaml").is_file():
         cfg = cfg.copy()
         cfg.data = recorded_data(recorded)
 

@@ -269,11 +269,13 @@ def check_compile(how: object) -> None:
                          "regional (compile each transformer block: about half the compilation time).")
 
 
+CAN_RUN_EAGERLY = hasattr(torch.compiler, "set_stance")  # a compiled module, on demand: PyTorch >= 2.6
+
+
 def eager() -> contextlib.AbstractContextManager:
     """A context in which compiled modules run their Python code instead (torch.compiler.set_stance, PyTorch >= 2.6).
 
     Validation, samples and pictures use other shapes and no gradients: compiling graphs for them would cost
     more start-up than they save. With older PyTorch this is a no-op and they compile their own graphs.
     """
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager") if CAN_RUN_EAGERLY else contextlib.nullcontext()

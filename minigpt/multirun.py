@@ -123,10 +123,15 @@ def runs_for_a_job() -> bool:
     return bool(os.environ.get(METRICS_FILE))
 
 
+def write_job_result(result: dict) -> None:
+    """Write `result` where the multirun job that started this process reads it (run_job_in_new_process)."""
+    Path(os.environ[METRICS_FILE]).write_text(json.dumps(result))
+
+
 def report_to_job(metrics: dict[str, float]) -> None:
     """Leave a finished run's metrics for the multirun job that started it (rank zero's, once)."""
     if runs_for_a_job() and rank_zero_only.rank == 0:
-        Path(os.environ[METRICS_FILE]).write_text(json.dumps(metrics))
+        write_job_result(metrics)
 
 
 class SweepDivergenceMarker(Callback):
@@ -135,4 +140,4 @@ class SweepDivergenceMarker(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, NonFiniteLossError) and trainer.is_global_zero:
-            Path(os.environ[METRICS_FILE]).write_text(json.dumps({"diverged": True}))
+            write_job_result({"diverged": True})

@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from minigpt.checkpoint import find_checkpoint, load_checkpoint
+from minigpt.checkpoint import find_checkpoint, load_checkpoint, run_folder_of
 from minigpt.module import MiniGPTModule
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,9 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
     if "global_step" not in checkpoint:
         raise ValueError(f"ckpt_path={ckpt_file} holds no training state to resume from (no global_step). Resume "
                          "from a run's last.ckpt or its run folder.")
-    if ckpt_file.parent.name == "checkpoints":  # <run folder>/checkpoints/<file>: checkpoints and events go on there
+    if (folder := run_folder_of(ckpt_file)) is not None:  # checkpoints and events go on in the checkpoint's run folder
         check_latest(ckpt_file, checkpoint["global_step"])
-        cfg.run_dir = os.path.abspath(ckpt_file.parent.parent)
+        cfg.run_dir = os.path.abspath(folder)
     log.info("Resuming from %s at step %d; writing to %s", ckpt_file, checkpoint["global_step"], cfg.run_dir)
     return ckpt_file, checkpoint
 

@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from minigpt.checkpoint import find_checkpoint
+from minigpt.checkpoint import find_checkpoint, run_folder_of
 
 # What a run leaves that a second run in its folder would overwrite or mix with its own
 RUN_OUTPUTS = ("checkpoints/*.ckpt", "tensorboard/events.out.tfevents.*", "csv/metrics.csv")
@@ -100,9 +100,8 @@ class RefuseUsedRunFolder(Callback):
         self.hold(folder, "hydra.run.dir")
         if config.get("ckpt_path"):  # a resumed run: it also writes to its checkpoint's run folder
             with contextlib.suppress(FileNotFoundError, ValueError):  # the run says what is wrong with the path
-                checkpoint = find_checkpoint(config.ckpt_path, prefer="last")
-                if checkpoint.parent.name == "checkpoints":
-                    self.hold(checkpoint.parent.parent, "ckpt_path")
+                if (resumed := run_folder_of(find_checkpoint(config.ckpt_path, prefer="last"))) is not None:
+                    self.hold(resumed, "ckpt_path")
             record = config.hydra.output_subdir  # null: this process writes no record (a DDP sweep job's)
             if record and (folder / record).is_dir():  # e.g. hydra.run.dir=<the run's own folder>
                 where = shown(str(folder))
