@@ -6,6 +6,7 @@ medians over repetitions and ratios against the plain loop, and is appended to b
 
     python benchmarks/throughput.py                                   # CPU, the lesson's model (model=seed)
     python benchmarks/throughput.py --device cuda --model small --batch-size 64 --compile   # one GPU, bf16
+    python benchmarks/throughput.py --variants lightning,ddp,lesson   # also `python train.py trainer=ddp_cpu`
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import cProfile
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,17 +39,20 @@ from minigpt.model import GPT, GPTConfig, compile_model  # noqa: E402
 from minigpt.module import make_optimizer, make_schedule  # noqa: E402
 
 
+def overrides(args, trainer: str | None = None, batch_size: int | None = None) -> list[str]:
+    """Our runs' settings: no checkpoints, validation, early stop or graph, so that only training steps count."""
+    return [f"model={args.model}", f"data.batch_size={batch_size or args.batch_size}",
+            f"trainer={trainer or ('gpu' if args.device == 'cuda' else 'cpu')}",
+            f"trainer.max_steps={args.warmup + args.steps}", f"trainer.val_check_interval={10**9}",
+            "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
+            "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.early_stopping",
+            "~callbacks.computation_graph", f"compile={args.compile}", f"compile_mode={args.compile_mode}",
+            *args.override]
+
+
 def compose_cfg(args, run_dir: str):
-    overrides = [f"model={args.model}", f"data.batch_size={args.batch_size}",
-                 f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
-                 f"trainer.max_steps={args.warmup + args.steps}", f"trainer.val_check_interval={10**9}",
-                 "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
-                 "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.early_stopping",
-                 "~callbacks.computation_graph", f"compile={args.compile}",
-                 f"compile_mode={args.compile_mode}",
-                 *args.override]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name="train", overrides=overrides(args))
     with open_dict(cfg):
         cfg.run_dir = run_dir
     return cfg
@@ -71,6 +76,39 @@ class StepClock(L.Callback):
         elif trainer.global_step == trainer.max_steps:
             sync(trainer.strategy.root_device)
             self.end = time.perf_counter()
+
+
+class StepClockFile(StepClock):
+    """A StepClock for a run in another process: global rank zero writes the seconds to `path` at the end."""
+
+    def __init__(self, warmup: int, path: str):
+        super().__init__(warmup)
+        self.path = path
+
+    def on_train_end(self, trainer, *_):
+        if trainer.is_global_zero:
+            Path(self.path).write_text(repr(self.end - self.start))
+
+
+def run_ddp(args, datamodule: TextDataModule) -> float:
+    """Our Lightning module as `python train.py trainer=ddp_cpu` runs it: the same global batch shared by
+    `--processes` processes on this machine's cores (Lightning gives each cores / processes threads), gradients
+    averaged over gloo. Launched as a command, so its start-up is outside the clock, as for the other variants."""
+    if args.device != "cpu":
+        raise SystemExit("the ddp variant runs CPU processes (trainer=ddp_cpu); on GPUs use trainer=ddp")
+    if args.batch_size % args.processes:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over --processes {args.processes}")
+    with tempfile.TemporaryDirectory() as run_dir:
+        seconds_file = Path(run_dir) / "seconds"
+        command = [sys.executable, str(ROOT / "train.py"),
+                   *overrides(args, "ddp_cpu", args.batch_size // args.processes),
+                   f"trainer.devices={args.processes}", "logger=none", f"hydra.run.dir={run_dir}/run",
+                   "+callbacks.step_clock._target_=benchmarks.throughput.StepClockFile",
+                   f"+callbacks.step_clock.warmup={args.warmup}", f"+callbacks.step_clock.path={seconds_file}"]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode or not seconds_file.exists():
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return float(seconds_file.read_text())
 
 
 def run_lightning(args, datamodule: TextDataModule) -> float:
@@ -211,7 +249,7 @@ def host_profile_variant(name: str, args, datamodule: TextDataModule) -> dict[st
     return per_step
 
 
-VARIANTS = {"plain": run_plain, "lightning": run_lightning, "lesson": run_lesson}
+VARIANTS = {"plain": run_plain, "lightning": run_lightning, "lesson": run_lesson, "ddp": run_ddp}
 PROFILED = ("plain", "lesson")  # a Lightning step runs the plain loop's operators
 
 
@@ -226,7 +264,10 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const="true", default="false", choices=["false", "true", "regional"],
                         help="compile our model (not the lesson's): the whole model, or with `regional` each block")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead")
-    parser.add_argument("--variants", default="plain,lightning,lesson")
+    parser.add_argument("--variants", default="plain,lightning,lesson",
+                        help=f"from {', '.join(VARIANTS)}: ddp is ours in --processes processes (trainer=ddp_cpu)")
+    parser.add_argument("--processes", type=int, default=2, help="processes of the ddp variant")
+    parser.add_argument("--baseline", help="the variant the ratios are against (default: plain, else the first)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for our runs")
     parser.add_argument("--profile", action="store_true", help="then, where the plain and lesson steps spend "
                         "their time, by kind of operator (PyTorch's profiler)")
@@ -248,7 +289,7 @@ def main() -> None:
             print(f"rep {rep} {name}: {tokens_per_step * args.steps / seconds[name][-1]:,.0f} tokens/s", flush=True)
 
     speed = {v: tokens_per_step * args.steps / statistics.median(s) for v, s in seconds.items()}
-    base = "plain" if "plain" in speed else variants[0]
+    base = args.baseline or ("plain" if "plain" in speed else variants[0])
     rows = ["| variant | tokens/s (median) | ms/step | vs " + base + " |", "|---|---|---|---|"]
     for name in variants:
         rows.append(f"| {name} | {speed[name]:,.0f} | {1000 * tokens_per_step / speed[name]:.1f} | "
@@ -259,6 +300,11 @@ def main() -> None:
              f"{'bf16-mixed' if args.device == 'cuda' else 'fp32'}")
     body = "\n".join(rows) + (f"\n\n{args.reps} repetitions of {args.steps} timed steps after {args.warmup} "
                               "warm-up steps, variants alternating; ratios of medians.")
+    if "ddp" in variants:
+        body += (f" ddp: `python train.py trainer=ddp_cpu trainer.devices={args.processes}`, {args.processes} "
+                 f"processes of {args.batch_size // args.processes} windows each ({torch.get_num_threads()} "
+                 f"cores / {args.processes} threads each, Lightning's choice), gradients averaged over gloo; their "
+                 "start-up is outside the clock.")
     profiled = [v for v in PROFILED if v in variants] if args.profile else []
     if profiled:
         profiles = {v: profile_variant(v, args, datamodule) for v in profiled}
