@@ -1,12 +1,14 @@
 """The computation graph: what `loss.backward()` walks, drawn by torchviz and Graphviz.
 
 Blue boxes are the parameters (named as in the checkpoint), grey boxes the backward function of each operation
-from the loss back to them. Rendering needs Graphviz's `dot` program; without it the Graphviz source is written
-instead, with the command that renders it.
+from the loss back to them. The transformer blocks all have the same graph, so by default only the first is drawn
+(the lesson's four blocks in full make a picture 7,000 pixels tall). Rendering needs Graphviz's `dot` program;
+without it the Graphviz source is written instead, with the command that renders it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -16,22 +18,34 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchviz import make_dot
 
+from minigpt.checks import as_typed, is_whole
 from minigpt.model import GPT
 
 log = logging.getLogger(__name__)
 
 
-def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, path: str | Path) -> Path:
+def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, path: str | Path,
+                          blocks: int | None = 1, setting: str = "blocks") -> Path:
     """Draw the autograd graph of the loss on (idx, targets) to `path` (.svg, .png or .pdf); returns the file written.
 
-    Where `dot` is missing, writes `path` with the suffix `.dot` instead and says in the log how to render it.
+    `blocks`: how many of the model's transformer blocks to draw, from the first; None = all of them. The picture
+    says how many it leaves out and which `setting` draws them all. Where `dot` is missing, writes `path` with the suffix `.dot` instead and says in
+    the log how to render it.
     """
     path = Path(path)
     check_graph_file(path)
+    check_blocks(blocks, setting)
     path.parent.mkdir(parents=True, exist_ok=True)
+    n_layer = model.config.n_layer
+    drawn = model if blocks is None or blocks >= n_layer else first_blocks(model, blocks)
     with torch.enable_grad():
-        _, loss = model(idx, targets)
-    graph = make_dot(loss, params=dict(model.named_parameters()))
+        _, loss = drawn(idx, targets)
+    graph = make_dot(loss, params=dict(drawn.named_parameters()))
+    if drawn is not model:
+        first = "the first" if blocks == 1 else f"the first {blocks}"
+        rest = f"block {blocks}" if blocks == n_layer - 1 else f"blocks {blocks} to {n_layer - 1}"
+        graph.attr(label=f"The loss through {first} of {n_layer} transformer blocks: {rest}, the same graph, "
+                         f"left out\n(all of them: {setting}=null)", labelloc="t", fontsize="20")
     try:
         graph.render(outfile=path, cleanup=True)  # the format comes from the suffix
         return path
@@ -42,6 +56,20 @@ def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, 
                     "Install Graphviz (apt-get install graphviz, brew install graphviz or conda install graphviz) "
                     "and render it with: dot -T%s %s -o %s", source, path.suffix.lstrip(".") or "svg", source, path)
         return source
+
+
+def first_blocks(model: GPT, blocks: int) -> GPT:
+    """A copy of `model` with its first `blocks` transformer blocks only: same names, shapes, weights and mode."""
+    with torch.random.fork_rng(devices=[]):  # the copy's initialisation leaves the run's random numbers alone
+        copy = GPT(dataclasses.replace(model.config, n_layer=blocks))
+    copy.load_state_dict(model.state_dict(), strict=False)  # the later blocks' weights have nowhere to go
+    return copy.to(next(model.parameters()).device).train(model.training)
+
+
+def check_blocks(blocks: object, setting: str = "blocks") -> None:
+    if blocks is not None and (not is_whole(blocks) or blocks < 1):
+        raise ValueError(f"{setting}={as_typed(blocks)}: it is how many transformer blocks the graph draws, from the "
+                         "first: a whole number of at least 1, or null for all of them")
 
 
 def check_graph_file(path: str | Path, setting: str = "path") -> None:

@@ -3,7 +3,8 @@
     what=grads       the lesson's check: mean |grad| and std of every parameter for one batch, as a table,
                      and the gradient-flow chart (gradient_flow.png)
     what=attention   each layer's heads on `text` (attention_layer<i>.png)
-    what=graph       the autograd graph of the loss on `text` (graph.svg; graph.dot where Graphviz is missing)
+    what=graph       the autograd graph of the loss on `text` (graph.svg; graph.dot where Graphviz is missing),
+                     through the first transformer block (graph_blocks=null: all of them)
 
 Pictures go to <run folder>/inspect unless out_dir= says otherwise. The checkpoint is loaded with
 `MiniGPTModule.from_checkpoint` (tensors and plain containers only). The validation text comes from the data
@@ -28,7 +29,7 @@ from minigpt.callbacks.attention_maps import attention_figures
 from minigpt.callbacks.gradient_health import measure
 from minigpt.checkpoint import checkpoint_path, find_checkpoint, run_folder_of
 from minigpt.data import WindowsDataModule
-from minigpt.graph import check_graph_file, render_autograd_graph
+from minigpt.graph import check_blocks, check_graph_file, render_autograd_graph
 from minigpt.module import MiniGPTModule
 from minigpt.tokenizer import unescape
 
@@ -45,6 +46,7 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
         raise ValueError(f"what={cfg.what} is not one of {', '.join(INSPECTIONS)}")
     if cfg.what == "graph":
         check_graph_file(cfg.graph_file, "graph_file")
+        check_blocks(cfg.graph_blocks, "graph_blocks")
     path = find_checkpoint(ckpt_path, prefer="best")
     module = MiniGPTModule.from_checkpoint(path)
     model = module.model.eval()  # no dropout: the numbers are those of the model itself
@@ -68,7 +70,8 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
     if cfg.what == "attention":
         figures = attention_figures(model, ids, module.tokenizer.pieces(ids), when=f" of {path.name}")
         return [plots.save(figure, out_dir / f"attention_layer{i}.png") for i, figure in enumerate(figures)]
-    return [render_autograd_graph(model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file)]
+    return [render_autograd_graph(model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file, cfg.graph_blocks,
+                                  "graph_blocks")]
 
 
 def recorded_data(hydra_dir: Path) -> DictConfig:

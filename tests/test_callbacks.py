@@ -202,6 +202,42 @@ def test_graph_names_the_parameters_and_is_in_tensorboard(events, trained_run):
     assert any("c_attn" in node.name for node in events.Graph().node)
 
 
+@pytest.mark.parametrize("blocks, drawn", [(1, [0]), (2, [0, 1]), (None, [0, 1, 2]), (5, [0, 1, 2])])
+def test_graph_draws_the_first_blocks_and_says_what_it_left_out(tmp_path, monkeypatch, blocks, drawn):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `dot`: the Graphviz source is the drawing, as text
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=8, dropout=0.1)).train()
+    idx = torch.randint(11, (1, 8))
+    source = render_autograd_graph(model, idx, idx, tmp_path / "graph.svg", blocks).read_text()
+    assert [b for b in range(3) if f"transformer.h.{b}.attn.c_attn.weight" in source] == drawn
+    assert "lm_head.weight" in source and "transformer.wte.weight" in source  # the whole way from the input
+    said = {1: "through the first of 3 transformer blocks: blocks 1 to 2, the same graph, left out",
+            2: "through the first 2 of 3 transformer blocks: block 2, the same graph, left out"}
+    assert (said[blocks] in source) if blocks in said else "left out" not in source
+    assert ("(all of them: blocks=null)" in source) == (blocks in said)
+    assert model.training and model.config.n_layer == 3  # the model itself is as it was
+
+
+def test_a_shortened_graph_is_drawn_with_the_models_own_weights():
+    from minigpt.graph import first_blocks
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=8)).eval()
+    rng = torch.get_rng_state()
+    short = first_blocks(model, 1)
+    assert torch.equal(rng, torch.get_rng_state())  # the copy's initialisation leaves the run's random numbers
+    assert not short.training and short.config.n_layer == 1
+    own = dict(model.named_parameters())
+    for name, weight in short.named_parameters():
+        assert torch.equal(weight, own[name]), name
+
+
+@pytest.mark.parametrize("blocks", [0, 1.0, "one", True])
+def test_a_graph_of_no_blocks_is_refused_before_training(blocks):
+    from minigpt.callbacks.graph import ComputationGraph
+
+    with pytest.raises(ValueError, match=r"callbacks.computation_graph.blocks=.*: it is how many transformer blocks"):
+        ComputationGraph(blocks=blocks)
+
+
 def test_graph_without_graphviz_writes_the_source_and_how_to_render_it(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PATH", str(tmp_path))  # no `dot` anywhere
     model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8))

@@ -69,6 +69,7 @@ def test_unknown_inspection_and_foreign_text_are_refused(inspect_cfg):
     (["what=graph", "length=1"], "length must be a whole number of at least 2 tokens, got 1"),
     (["what=graph", "graph_file=graph"], "graph_file=graph: the suffix picks the picture's format, and there is none"),
     (["what=graph", "graph_file=g.xyz"], "'xyz' is not one Graphviz draws"),
+    (["what=graph", "graph_blocks=0"], "graph_blocks=0: it is how many transformer blocks the graph draws"),
 ])
 def test_bad_settings_are_named(inspect_cfg, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -8,21 +8,27 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from minigpt.callbacks.tensorboard import writers
-from minigpt.graph import add_model_graph, check_graph_file, render_autograd_graph
+from minigpt.graph import add_model_graph, check_blocks, check_graph_file, render_autograd_graph
 from minigpt.model import eager
 
 
 class ComputationGraph(Callback):
-    def __init__(self, dirpath: str | None = None, filename: str = "graph.svg", length: int = 8):
+    def __init__(self, dirpath: str | None = None, filename: str = "graph.svg", length: int = 8,
+                 blocks: int | None = 1):
         """
         Args:
             dirpath: where to draw the autograd graph of the loss; None = only the TensorBoard graph.
             filename: its name; the suffix picks the format (.svg, .png, .pdf).
             length: characters in the one-sequence batch the graph is traced on (the graph's shape does not
                 depend on it, only the shape labels do).
+            blocks: transformer blocks in the drawing, from the first (they all have the same graph); None = all.
+                TensorBoard's graph, whose blocks fold away, has all of them.
         """
-        check_graph_file(filename, "callbacks.computation_graph.filename")  # before training, not after the first minutes of it
+        # before training, not after the first minutes of it
+        check_graph_file(filename, "callbacks.computation_graph.filename")
+        check_blocks(blocks, "callbacks.computation_graph.blocks")
         self.dirpath, self.filename, self.length = (Path(dirpath) if dirpath else None), filename, length
+        self.blocks = blocks
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.global_step > 0:  # once per run, not again on resume
@@ -32,6 +38,7 @@ class ComputationGraph(Callback):
         idx, targets = tokens[None, :-1], tokens[None, 1:]  # (1, T): one window and its next characters
         with eager():  # the graph of the model's own operations, not of a compiled one (and no compilation here)
             if self.dirpath is not None:
-                render_autograd_graph(pl_module.model, idx, targets, self.dirpath / self.filename)
+                render_autograd_graph(pl_module.model, idx, targets, self.dirpath / self.filename, self.blocks,
+                                      "callbacks.computation_graph.blocks")
             for writer in writers(trainer):
                 add_model_graph(writer, pl_module.model, idx, targets)
