@@ -178,6 +178,17 @@ def test_attention_maps_label_each_key_and_query_with_its_character():
     assert not [t for t in axes[1].texts if t.get_position()[0] < 0]  # the other heads share the first's rows
 
 
+def test_attention_colours_show_weights_spread_over_many_keys_on_one_scale_for_every_map():
+    T = 64
+    uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]  # each query spread evenly
+    images = [plots.attention_heads(w[None].numpy(), "x" * T, "layer 0").axes[0].images[0]
+              for w in (uniform, torch.eye(T))]
+    for image in images:  # 0 and 1 are the ends of the scale whatever the map holds: maps of two steps compare
+        assert image.norm(0.0) == 0.0 and image.norm(1.0) == 1.0
+    # the last query's even 1/64 gets an eighth of the colour scale, not the 1.6% a linear scale gives it
+    assert images[0].norm(1 / T) == pytest.approx(1 / 8)
+
+
 def test_samples_are_logged_as_text_at_each_validation(events):
     tag = next(t for t in events.Tags()["tensors"] if t.startswith("samples/ROMEO"))
     samples = events.Tensors(tag)
