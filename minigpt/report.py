@@ -197,7 +197,10 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
         csv.writer(f).writerows([header, *rows])
     lines = [f"# {multirun_dir}", ""] + ([f"Common to all jobs: `{shared}`", ""] if shared else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(f"`{c}`" if i == 1 else c for i, c in enumerate(row)) + " |" for row in rows]
+    for job, row in zip(jobs, rows):  # the job's number, linked to its folder: the name repeats the overrides
+        number = job_number(job.folder)
+        cells = [f"[{number if number >= 0 else job.folder.name}](<{job.folder.name}/>)", f"`{row[1]}`", *row[2:]]
+        lines.append("| " + " | ".join(cells) + " |")
     notes = [f"`{job.folder.name}` wrote no events: it failed before training (its train.log says why)."
              for job in jobs if not job.spans]
     notes += [f"`{job.folder.name}` diverged (its train.log says at which step): its best val/loss is from before."

@@ -45,7 +45,7 @@ def test_sweep_table_has_each_jobs_best_loss_and_throughput(trained_run, cfg_tin
         assert float(row["wall time (s)"]) > 0 and float(row["tokens/s"]) > 0
     markdown = table_md.read_text()
     assert "Common to all jobs: `model=tiny`" in markdown
-    assert markdown.count("\n| 0_") + markdown.count("\n| 1_") == 2
+    assert markdown.count("\n| [0](<0_") + markdown.count("\n| [1](<1_") == 2  # each job by its number, linked
     assert "tokens/s is nan" not in markdown  # the footnote is there only when a job has no throughput
 
 
@@ -109,7 +109,7 @@ def test_throughput_counts_the_devices_the_run_recorded_and_is_explained_where_m
 
 def test_the_sweep_table_lists_failed_diverged_and_resumed_jobs_and_leaves_out_pauses(trained_run, cfg_tiny_global,
                                                                                        tmp_path):
-    from minigpt.report import read_job
+    from minigpt.report import job_number, read_job
 
     fake_sweep(trained_run, cfg_tiny_global, tmp_path, [["optimizer.lr=1e-3"], ["optimizer.lr=1e6"],
                                                         ["optimizer.lr=3e-3"], ["optimizer.lr=-1"]])
@@ -132,6 +132,7 @@ def test_the_sweep_table_lists_failed_diverged_and_resumed_jobs_and_leaves_out_p
     rows = {row["job"]: row for row in csv.DictReader(table_csv.open())}
     assert len(rows) == 4 and rows[failed.name]["best val/loss"] == "nan"
     markdown = table_md.read_text()
+    assert f"| [{job_number(failed)}](<{failed.name}/>) | " in markdown  # its number, linked to its folder
     assert f"`{failed.name}` wrote no events: it failed before training" in markdown
     assert f"`{diverged.name}` diverged" in markdown
     assert f"`{resumed.name}` was resumed (2 processes wrote its events)" in markdown
