@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils import flop_counter
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.text import Perplexity
 
@@ -34,6 +35,24 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def count_cpu_attention_flops() -> None:
+    """Teach PyTorch's FLOP counter the CPU's fused attention kernel, which it counts on GPUs only: without it the
+    model summary's FLOPs leave out attention on a CPU (a quarter of the lesson's model) and differ from a GPU's."""
+    aten = torch.ops.aten
+    forward, backward = aten._scaled_dot_product_flash_attention_for_cpu, \
+        aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_counter.flop_registry:  # (a later PyTorch may count it itself)
+        flop_counter.register_flop_formula(forward)(
+            lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(query, key, value))
+    if backward not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(backward)(
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+            flop_counter.sdpa_backward_flop_count(grad_out, query, key, value))
+
+
+count_cpu_attention_flops()
 
 
 def split_linear_weights(model: nn.Module, within: nn.Module | None = None) -> tuple[list, list]:
@@ -145,7 +164,7 @@ class MiniGPTModule(L.LightningModule):
                                    "scheduler": scheduler}, logger=False)
         self.model = GPT(GPTConfig(vocab_size=self.tokenizer.vocab_size, **self.hparams.model))
         # One window: Lightning's model summary runs it through each layer for the in and out sizes and the FLOPs
-        # of a forward pass (without it, a column of zeros; PyTorch's counter leaves out the CPU's fused attention)
+        # of a forward pass (without it, a column of zeros)
         self.example_input_array = torch.zeros(1, self.model.config.block_size, dtype=torch.long)
         # Validation loss as metrics that sync across DDP ranks: the mean over every window (each rank validates its
         # share), and the lowest of the run, resumes included, which sweeps minimise (lightning-hydra-template's way).
@@ -156,6 +175,9 @@ class MiniGPTModule(L.LightningModule):
         self._micro_batches = 0
         self._train_loss_sum: torch.Tensor | None = None  # over the optimizer steps since the last validation
         self._train_loss_count = 0
+        self._train_loss_since: int | None = None  # a resumed step the mean starts at, where it cannot go further back
+        self._train_loss_said = ""  # the mean as the console line at the end of a validation gives it
+        self._restored_train_loss: dict[str, Any] | None = None  # from a checkpoint, applied when training starts
         self._restored_best: float | None = None  # from a checkpoint, applied when training starts
         self._rng_states: dict[str, torch.Tensor] | None = None  # from a checkpoint, applied when training starts
 
@@ -219,17 +241,20 @@ class MiniGPTModule(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.val_loss_best.update(loss)
             self.log("val/loss_best", self.val_loss_best.compute(), sync_dist=True)
+            # the mean train/loss since the last validation, closed here: the checkpoints saved at this validation
+            # (in the callbacks' on_validation_end, which comes next) start the next mean from nothing
+            count, self._train_loss_count = self._train_loss_count, 0
+            train_loss = self._train_loss_sum / count if count else torch.tensor(float("nan"), device=self.device)
+            train_loss = self.trainer.strategy.reduce(train_loss, reduce_op="mean")  # over every rank's batches
+            since, self._train_loss_since = self._train_loss_since, None
+            self._train_loss_said = (f"train/loss {train_loss:.4f} ("
+                                     + ("mean since last validation" if since is None else
+                                        f"mean since the resume at step {since}") + ")")
 
     def on_validation_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        count, self._train_loss_count = self._train_loss_count, 0
-        train_loss = self._train_loss_sum / count if count else torch.tensor(float("nan"), device=self.device)
-        train_loss = self.trainer.strategy.reduce(train_loss, reduce_op="mean")  # over every rank's batches
-        rank_zero_info(
-            f"step {self.global_step}: train/loss {train_loss:.4f} (mean since last validation), "
-            f"val/loss {self.trainer.callback_metrics['val/loss']:.4f}"
-        )
+        if not self.trainer.sanity_checking:  # val/loss is among the callback metrics by now
+            rank_zero_info(f"step {self.global_step}: {self._train_loss_said}, "
+                           f"val/loss {self.trainer.callback_metrics['val/loss']:.4f}")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which unscales fp16 gradients
@@ -247,9 +272,16 @@ class MiniGPTModule(L.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()
         checkpoint["val_loss_best"] = self.best_val_loss
+        # The console's mean train/loss since the last validation, so far: a run resumed between two validations goes
+        # on with it. This process's own sum: under DDP each rank has its own, and only rank zero's would be saved.
+        count = self._train_loss_count
+        single = self.trainer.world_size == 1
+        checkpoint["train_loss_since_validation"] = {
+            "count": count, "sum": float(self._train_loss_sum) if count and single else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
+        self._restored_train_loss = {**checkpoint.get("train_loss_since_validation", {}), "step": checkpoint["global_step"]}
         # (a checkpoint written before the module kept its best: the checkpoint callback's record, if any)
         best = checkpoint.get("val_loss_best", monitoring_state(checkpoint).get("best_model_score"))
         self._restored_best = None if best is None else float(best)
@@ -261,9 +293,23 @@ class MiniGPTModule(L.LightningModule):
             torch.set_rng_state(states["torch"])
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state(states["cuda"])
+        restored, self._restored_train_loss = self._restored_train_loss, None
+        if restored and restored.get("count"):  # checkpointed between two validations
+            if restored["sum"] is None:  # a DDP run's: the mean starts again here, and the console says so
+                self._train_loss_since = restored["step"]
+            else:
+                self._train_loss_sum = torch.tensor(restored["sum"], device=self.device)
+                self._train_loss_count = restored["count"]
         best, self._restored_best = self._restored_best, None
         if best is not None and math.isfinite(best):  # the metric's state is on the training device by now
             self.val_loss_best.update(torch.tensor(best, device=self.device))
+        # A resumed optimizer comes back with the rates its run last set, and the schedule only sets them again after
+        # the next step: with another max_steps or warmup (the schedule is built anew from the command line), that
+        # step would train at the old schedule's rate. Set them now, as this run's schedule has them at this step.
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            for group, base, multiplier in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+                group["lr"] = base * multiplier(schedule.last_epoch)
 
     def configure_optimizers(self):
         optimizer = make_optimizer(self.model, self.hparams.optimizer, self.device)

@@ -98,7 +98,8 @@ def attention_heads(weights: np.ndarray, tokens: list[str], title: str) -> Figur
     return figure
 
 
-def loss_curve(train: tuple[list, list], val: tuple[list, list], lr: tuple[list, list] | None, title: str) -> Figure:
+def loss_curve(train: tuple[list, list], val: tuple[list, list], lr: tuple[list, list] | None, title: str,
+               lr_label: str = "learning rate") -> Figure:
     """Train and validation loss against step, each a (steps, values) pair; the learning rate on a second axis."""
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     ax = figure.add_subplot()
@@ -110,8 +111,8 @@ def loss_curve(train: tuple[list, list], val: tuple[list, list], lr: tuple[list,
     handles, labels = ax.get_legend_handles_labels()
     if lr is not None and lr[0]:
         ax_lr = ax.twinx()
-        ax_lr.plot(*lr, color="tab:gray", linestyle="--", label="learning rate")
-        ax_lr.set_ylabel("learning rate")
+        ax_lr.plot(*lr, color="tab:gray", linestyle="--", label=lr_label)
+        ax_lr.set_ylabel(lr_label)
         ax_lr.set_ylim(bottom=0)
         more_handles, more_labels = ax_lr.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels

@@ -62,10 +62,15 @@ def read_scalars(events_dir: str | Path) -> tuple[dict[str, Series], float]:
     return scalars, events.FirstEventTimestamp()
 
 
-def learning_rate(scalars: dict[str, Series]) -> Series | None:
-    """The learning rate LearningRateMonitor logged: of the decayed parameter group if there are several."""
+def learning_rate(scalars: dict[str, Series]) -> tuple[Series, str] | None:
+    """The rate LearningRateMonitor logged for the parameters `optimizer.lr` sets (the decayed weights; Muon's
+    matrices), and its label, which names the group where other groups have other rates (Muon's AdamW part)."""
     tags = sorted(t for t in scalars if t.startswith("train/lr"))
-    return scalars["train/lr/decay"] if "train/lr/decay" in scalars else (scalars[tags[0]] if tags else None)
+    if not tags:
+        return None
+    tag = next((t for t in ("train/lr", "train/lr/decay", "train/lr/muon") if t in scalars), tags[0])
+    others = [t for t in tags if t != tag and scalars[t].values != scalars[tag].values]
+    return scalars[tag], "learning rate" + (f" ({tag.rsplit('/', 1)[1]} group)" if others else "")
 
 
 def best(series: Series | None) -> tuple[float, int]:
@@ -80,7 +85,8 @@ def write_loss_curve(scalars: dict[str, Series], path: str | Path, title: str) -
     empty = Series([], [], [])
     train, val, lr = scalars.get("train/loss", empty), scalars.get("val/loss", empty), learning_rate(scalars)
     figure = plots.loss_curve((train.steps, train.values), (val.steps, val.values),
-                              (lr.steps, lr.values) if lr else None, title)
+                              (lr[0].steps, lr[0].values) if lr else None, title,
+                              lr[1] if lr else "learning rate")
     return plots.save(figure, path)
 
 

@@ -57,6 +57,19 @@ def test_report_on_a_run_folder_draws_its_loss_curve(trained_run, tmp_path):
     assert_is_a_picture(decode_png(written.read_bytes()), min_width=600, min_height=300)
 
 
+def test_the_loss_curves_learning_rate_is_optimizer_lrs_and_names_its_group_where_groups_differ():
+    from minigpt.report import Series, learning_rate
+
+    def rates(*values):
+        return Series([1, 2], list(values), [0.0, 1.0])
+
+    adamw = {"train/lr/decay": rates(3e-4, 2e-4), "train/lr/no_decay": rates(3e-4, 2e-4)}
+    muon = {"train/lr/adamw": rates(3e-3, 2e-3), "train/lr/muon": rates(0.02, 0.01)}  # optimizer.lr is Muon's
+    assert learning_rate(adamw) == (adamw["train/lr/decay"], "learning rate")  # one rate for both groups
+    assert learning_rate(muon) == (muon["train/lr/muon"], "learning rate (muon group)")
+    assert learning_rate({"train/loss": rates(4.0, 3.0)}) is None
+
+
 def test_report_explains_a_folder_without_events(tmp_path):
     out = subprocess.run([sys.executable, "-m", "minigpt.report", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,11 @@ def image_steps(run_dir: Path) -> dict[str, list[int]]:
     return {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
 
 
+def console_means(done: subprocess.CompletedProcess) -> list[str]:
+    """The lines a run prints at each validation: 'step 12: train/loss 3.9914 (mean since last validation), ...'."""
+    return re.findall(r"step \d+: train/loss .*", done.stdout + done.stderr)
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path):
     args = RESUMABLE + [f"data.path={text_file}", "logger=[tensorboard,csv]"]
@@ -71,6 +77,8 @@ def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path
         resumed = run_train(args + [f"ckpt_path={resume_from}"], tmp_path / f"{name}_resume_log")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "out of order" not in resumed.stdout + resumed.stderr  # the reader's "TensorFlow restart" warning
+        # the console's mean train/loss since the last validation takes in the steps before the checkpoint too
+        assert console_means(resumed) == console_means(uninterrupted)[-len(console_means(resumed)):], name
 
         got = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         assert got["global_step"] == 24
@@ -342,6 +350,23 @@ def test_a_resume_with_other_batches_or_schedule_is_warned_about(trained_run, cf
         cfg_tiny.data.batch_size, cfg_tiny.scheduler.warmup_steps = 4, 7
         resume.warn_of_changed_settings(cfg_tiny, checkpoint)
     assert "data.batch_size=8 then, 4 now; scheduler.warmup_steps=5 then, 7 now" in caplog.text
+
+
+def test_a_resume_with_a_longer_schedule_trains_its_first_step_at_the_new_schedules_rate(trained_run, cfg_tiny,
+                                                                                          tmp_path_factory):
+    from minigpt.module import warmup_cosine
+    from minigpt.report import read_scalars
+
+    branch = tmp_path_factory.mktemp("branch") / "last.ckpt"  # a copy: the run goes on in a folder of its own
+    shutil.copy(trained_run[0] / "checkpoints" / "last.ckpt", branch)  # step 40, the end of a 40-step schedule
+    with open_dict(cfg_tiny):
+        cfg_tiny.ckpt_path, cfg_tiny.trainer.max_steps, cfg_tiny.trainer.log_every_n_steps = str(branch), 44, 1
+        cfg_tiny.scheduler.warmup_steps = 2
+    train.train(cfg_tiny)
+    lr = read_scalars(Path(cfg_tiny.run_dir) / "tensorboard")[0]["train/lr/decay"]
+    assert lr.steps == [41, 42, 43, 44]  # the steps this run took, each logged with the rate it trained at
+    expected = [3e-3 * warmup_cosine(step, warmup_steps=2, max_steps=44, min_lr_ratio=0.1) for step in range(40, 44)]
+    assert lr.values == pytest.approx(expected, rel=1e-6)  # not the old schedule's floor at its first step
 
 
 def test_a_file_of_tensors_that_is_not_a_checkpoint_is_named_so(tmp_path):
