@@ -38,7 +38,7 @@ from minigpt.module import OPTIMIZERS, MiniGPTModule
 from minigpt.multirun import (JobFailed, JobProcessFailed, SweepDivergenceMarker, check_plugins, report_to_job,
                               restarts_script, run_job_in_new_process, runs_for_a_job, sweep_score)
 from minigpt.resume import (check_resumable, check_same_data, keep_validation_windows, resume_point,
-                            warn_of_changed_settings)
+                            warn_of_changed_global_batch, warn_of_changed_settings)
 from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.scheduler.get("warmup_steps", 0) >= trainer.max_steps:
         log.warning("scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate never reaches "
                     "its peak", cfg.scheduler.warmup_steps, trainer.max_steps)
+    if checkpoint is not None:
+        warn_of_changed_global_batch(checkpoint, trainer)
     if checkpoint is not None and checkpoint["global_step"] >= trainer.max_steps:  # before anything is written
         raise ValueError(f"ckpt_path={ckpt_file} is at step {checkpoint['global_step']}, and trainer.max_steps="
                          f"{trainer.max_steps}: there is nothing left to train. Give a larger trainer.max_steps to "
@@ -189,6 +191,8 @@ def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list, module:
 def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         check_gpus(cfg.trainer)
+    elif cfg.trainer.accelerator == "cpu":
+        check_cpu_processes(cfg.trainer)
     for key, unit in (("max_steps", "optimizer steps"), ("accumulate_grad_batches", "batches"),
                       ("val_check_interval", "batches"), ("log_every_n_steps", "optimizer steps")):
         value = cfg.trainer.get(key, None if key == "max_steps" else 1)  # a run of one endless epoch needs max_steps
@@ -216,6 +220,21 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                    plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing,
                                    enable_progress_bar=progress_bar)
+
+
+def check_cpu_processes(trainer: DictConfig) -> None:
+    """On the CPU, trainer.devices is how many processes to start: a whole number; more than the cores is slower."""
+    devices = trainer.get("devices", 1)
+    if devices == "auto":
+        return
+    if not (is_whole(devices) and devices > 0):
+        raise ValueError(f"trainer.devices={as_typed(devices)}: on the CPU it is how many processes train (one, or with "
+                         "trainer=ddp_cpu several, 2 by default), a whole number of at least 1; -1 (every device) is "
+                         "for GPUs")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if devices > cores:
+        log.warning("trainer.devices=%d CPU processes on %d cores: they share them, each slower than one process "
+                    "alone would be (trainer.devices=%d or fewer)", devices, cores, cores)
 
 
 def check_gpus(trainer: DictConfig) -> None:

@@ -272,6 +272,9 @@ class MiniGPTModule(L.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()
         checkpoint["val_loss_best"] = self.best_val_loss
+        # What the global batch is made of besides data.batch_size: a resume with other numbers is warned about
+        checkpoint["global_batch"] = {"accumulate_grad_batches": self.trainer.accumulate_grad_batches,
+                                      "devices": self.trainer.num_devices, "num_nodes": self.trainer.num_nodes}
         # The console's mean train/loss since the last validation, so far: a run resumed between two validations goes
         # on with it. This process's own sum: under DDP each rank has its own, and only rank zero's would be saved.
         count = self._train_loss_count

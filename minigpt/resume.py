@@ -8,6 +8,7 @@ max_steps takes effect.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,23 @@ def warn_of_changed_settings(cfg: DictConfig, checkpoint: dict[str, Any]) -> Non
         log.warning("This resumed run goes on with other settings than its checkpoint's run: %s. It trains on, but "
                     "not as the uninterrupted run would have (resume with the run's own overrides, in its "
                     ".hydra/overrides.yaml, to go on exactly).", "; ".join(changed))
+
+
+def warn_of_changed_global_batch(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """Warn when a resume accumulates over other numbers of batches, devices or nodes than the checkpoint's run:
+    allowed (a run goes on with fewer GPUs), but each optimizer step then learns from another number of windows."""
+    then = checkpoint.get("global_batch")  # missing in checkpoints of minigpt before it was recorded
+    if not then:
+        return
+    now = {"accumulate_grad_batches": trainer.accumulate_grad_batches, "devices": trainer.num_devices,
+           "num_nodes": trainer.num_nodes}
+    changed = [f"{key}={then[key]} then, {now[key]} now" for key in now if key in then and then[key] != now[key]]
+    if changed:
+        factor = {name: math.prod(v.get(k, 1) for k in now) for name, v in (("then", then), ("now", now))}
+        log.warning("This resumed run splits its optimizer steps otherwise than its checkpoint's run: %s. Each step "
+                    "learns from data.batch_size x %d windows now, x %d then: it trains on, but not as "
+                    "the uninterrupted run would have (the sweep report's tokens/s takes the first run's global "
+                    "batch, in tensorboard/hparams.yaml).", "; ".join(changed), factor["now"], factor["then"])
 
 
 # What a run's data is, and which windows it trains and validates on: a resume must not change them.

@@ -352,6 +352,23 @@ def test_a_resume_with_other_batches_or_schedule_is_warned_about(trained_run, cf
     assert "data.batch_size=8 then, 4 now; scheduler.warmup_steps=5 then, 7 now" in caplog.text
 
 
+def test_a_resume_on_other_numbers_of_devices_or_accumulated_batches_is_warned_about(trained_run, caplog):
+    from types import SimpleNamespace
+
+    from minigpt import resume
+
+    checkpoint = load_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt")  # one process, no accumulation
+    assert checkpoint["global_batch"] == {"accumulate_grad_batches": 1, "devices": 1, "num_nodes": 1}
+    with caplog.at_level(logging.WARNING):
+        resume.warn_of_changed_global_batch(checkpoint, SimpleNamespace(accumulate_grad_batches=1, num_devices=1,
+                                                                        num_nodes=1))
+        assert not caplog.records
+        resume.warn_of_changed_global_batch(checkpoint, SimpleNamespace(accumulate_grad_batches=2, num_devices=4,
+                                                                        num_nodes=1))
+    assert ("accumulate_grad_batches=1 then, 2 now; devices=1 then, 4 now. Each step learns from data.batch_size "
+            "x 8 windows now, x 1 then") in caplog.text
+
+
 def test_a_resume_with_a_longer_schedule_trains_its_first_step_at_the_new_schedules_rate(trained_run, cfg_tiny,
                                                                                           tmp_path_factory):
     from minigpt.module import warmup_cosine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 import subprocess
@@ -102,6 +103,22 @@ def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them(
         callback._check(trainer, pl_module)
 
 
+@pytest.mark.parametrize("devices", [-1, 0, 1.0, "two"])
+def test_a_number_of_cpu_processes_that_is_not_one_is_refused_with_what_it_means(devices):
+    with pytest.raises(ValueError, match=r"trainer.devices=.*: on the CPU it is how many processes train .* -1 \(every "
+                                         r"device\) is for GPUs"):
+        train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": devices}))
+
+
+def test_more_cpu_processes_than_cores_are_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with caplog.at_level(logging.WARNING):
+        train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": 2}))
+        assert not caplog.records
+        train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": 4}))
+    assert "trainer.devices=4 CPU processes on 2 cores" in caplog.text
+
+
 def test_more_gpus_than_there_are_and_missing_plugins_get_clear_messages(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match=r"trainer.devices=4 asks for 4 GPUs, but PyTorch sees 2 .* trainer.devices=-1"):
@@ -126,6 +143,15 @@ def test_the_slurm_launcher_asks_for_one_task_per_gpu_on_trainer_num_nodes_nodes
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "cpu", "ddp_cpu", "default"])
+def test_every_trainer_runs_on_one_node_unless_told_and_takes_num_nodes_without_a_plus(trainer):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # README: a sweep of one-GPU SLURM jobs
+        one = compose(config_name="train", return_hydra_config=True, overrides=["hydra/launcher=slurm",
+                                                                                f"trainer={trainer}"])
+        two = compose(config_name="train", overrides=[f"trainer={trainer}", "trainer.num_nodes=2"])
+    assert one.hydra.launcher.nodes == one.trainer.num_nodes == 1 and two.trainer.num_nodes == 2
 
 
 def test_other_ranks_get_no_log_file_and_other_logging_choices_replace_rank_zeros(monkeypatch):
