@@ -106,8 +106,14 @@ def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "metrics.json"
         log.info("Running this job as a run of its own in a new process, which starts the run's other processes")
-        status = subprocess.run(job_command(job, script), cwd=job.runtime.cwd,
-                                env={**os.environ, METRICS_FILE: str(result)}).returncode
+        process = subprocess.Popen(job_command(job, script), cwd=job.runtime.cwd,
+                                   env={**os.environ, METRICS_FILE: str(result)})
+        try:
+            status = process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the job's processes too: give them time to stop and say so
+            stop_after_interrupt(process)
+            raise SystemExit(f"Interrupted: the sweep stopped in the job of {job.runtime.output_dir}, whose last "
+                             "lines say where it can resume from") from None
         metrics = json.loads(result.read_text()) if result.is_file() else {}
     if status != 0 and metrics.get("diverged"):  # it printed its error; in a sweep a divergence is a result
         print("error: this job diverged (its error is above). In this sweep the job scores inf.", file=sys.stderr)
@@ -116,6 +122,16 @@ def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
         raise JobProcessFailed(f"this job's training process exited with status {status}: see its error above "
                                f"and {job.runtime.output_dir}/train.log")
     return sweep_score(metrics["val/loss_best"])
+
+
+def stop_after_interrupt(process: subprocess.Popen, grace: float = 60.0) -> None:
+    """Wait for a job's process that got Ctrl-C to shut down, as Lightning does (it logs where the run can resume
+    from); kill it after `grace` seconds or at a second Ctrl-C. (subprocess.run kills it after a quarter second.)"""
+    try:
+        process.wait(timeout=grace)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        process.kill()
+        process.wait()
 
 
 def runs_for_a_job() -> bool:

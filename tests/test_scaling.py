@@ -86,6 +86,48 @@ def test_a_multirun_job_becomes_a_single_run_with_the_jobs_overrides_in_the_jobs
     assert not any(o.startswith(("hydra/launcher", "hydra.sweep")) for o in command)
 
 
+# A sweep whose job runs in a process of its own, as run_job_in_new_process runs a DDP job; the job takes a moment
+# to shut down after Ctrl-C and says where it can resume from, as Lightning and train.py do.
+CTRL_C_JOB = """
+import signal, sys, time
+def stop(*_):
+    time.sleep(1.0)
+    print("job: interrupted at step 7; resume with ckpt_path=...", flush=True)
+    sys.exit(1)
+signal.signal(signal.SIGINT, stop)
+print("job: started", flush=True)
+time.sleep(60)
+"""
+CTRL_C_SWEEP = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from minigpt import multirun
+job = SimpleNamespace(job=SimpleNamespace(config_name="train"), overrides=SimpleNamespace(hydra=[], task=[]),
+                      runtime=SimpleNamespace(config_sources=[], output_dir=sys.argv[2], cwd="."))
+multirun.run_job_in_new_process(job, Path(sys.argv[1]))
+"""
+
+
+def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resume(tmp_path):
+    import os
+    import signal
+
+    (tmp_path / "job.py").write_text(CTRL_C_JOB)
+    sweep = subprocess.Popen([sys.executable, "-c", CTRL_C_SWEEP, str(tmp_path / "job.py"), str(tmp_path / "0_job")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # a process group of its own, as a terminal's foreground job
+    started = [sweep.stdout.readline()]
+    while "job: started" not in started[-1]:  # the sweep's own log lines come first
+        assert started[-1], "the job did not start: " + "".join(started)
+        started.append(sweep.stdout.readline())
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C: the sweep's process and the job's
+    out = "".join(started) + sweep.communicate(timeout=60)[0]
+    assert "job: interrupted at step 7; resume with ckpt_path=..." in out  # not killed before it could say so
+    assert f"Interrupted: the sweep stopped in the job of {tmp_path / '0_job'}" in out
+    assert "Traceback" not in out and sweep.returncode == 1
+
+
 def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them():
     """A rank whose own losses were finite still stops, at the step another rank reported: none is left waiting."""
     model = torch.nn.Linear(2, 2)
