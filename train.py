@@ -189,6 +189,7 @@ def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list, module:
 
 
 def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    check_torchrun_processes(cfg.trainer)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         check_gpus(cfg.trainer)
     elif cfg.trainer.accelerator == "cpu":
@@ -220,6 +221,21 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                    plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing,
                                    enable_progress_bar=progress_bar)
+
+
+def check_torchrun_processes(trainer: DictConfig) -> None:
+    """Under torchrun, which starts every process itself, trainer.devices and num_nodes must say how many it
+    started; Lightning finds out only once training starts, and without saying which settings to give."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        return
+    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    nodes = int(os.environ.get("WORLD_SIZE", per_node)) // per_node
+    devices, num_nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if is_whole(devices) and devices > 0 and (devices, num_nodes) != (per_node, nodes):
+        raise ValueError(f"torchrun started {per_node} processes per node on {nodes} node(s), and trainer.devices="
+                         f"{devices} trainer.num_nodes={num_nodes} asks for {devices} on {num_nodes}: give "
+                         f"trainer.devices={per_node} trainer.num_nodes={nodes} (torchrun's --nproc-per-node and "
+                         "--nnodes)")
 
 
 def check_cpu_processes(trainer: DictConfig) -> None:

@@ -152,6 +152,18 @@ def test_a_number_of_cpu_processes_that_is_not_one_is_refused_with_what_it_means
         train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": devices}))
 
 
+def test_settings_that_do_not_match_the_processes_torchrun_started_name_the_ones_that_do(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun --nnodes=2 --nproc-per-node=1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"torchrun started 1 processes per node on 2 node\(s\), and trainer.devices=2 "
+                                         r"trainer.num_nodes=1 asks for 2 on 1: give trainer.devices=1 "
+                                         r"trainer.num_nodes=2"):
+        train.check_torchrun_processes(OmegaConf.create({"devices": 2, "num_nodes": 1}))
+    train.check_torchrun_processes(OmegaConf.create({"devices": 1, "num_nodes": 2}))
+    train.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 2}))  # every GPU: Lightning counts
+
+
 def test_more_cpu_processes_than_cores_are_warned_about(monkeypatch, caplog):
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     with caplog.at_level(logging.WARNING):
