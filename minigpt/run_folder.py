@@ -78,6 +78,26 @@ def claim(folder: Path, key: str) -> int | None:
     return descriptor
 
 
+def refuse_used(folder: Path, only_checkpoints: bool = False) -> None:
+    """Refuse a new run in `folder` if an earlier run left its outputs there (with `only_checkpoints`, checkpoints)."""
+    found = [p for p in run_outputs(folder) if p.suffix == ".ckpt" or not only_checkpoints]
+    if not found:
+        return
+    where = shown(str(folder))
+    listed = ", ".join(shown(str(p)) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    # SystemExit: Hydra turns an Exception raised in a callback into a warning and goes on
+    if any(p.suffix == ".ckpt" for p in found):
+        harm = "would overwrite its checkpoints and mix its curves with the new run's"
+        resume = f"Resume that run with: python train.py {ckpt_path_arg(where)} (and its settings), or start"
+    else:  # stopped before its first checkpoint (diverged, interrupted): nothing to resume
+        harm = "would mix its curves with the new run's (it saved no checkpoint, so it cannot be resumed)"
+        resume = "Start"
+    raise SystemExit(
+        f"error: hydra.run.dir={where} already holds a run ({listed}): a new one there {harm}. {resume} the new "
+        f"one in another folder (another hydra.run.dir, or none for a new dated one), or delete {where} first."
+    )
+
+
 class RefuseUsedRunFolder(Callback):
     """Refuse a new run (not a resume) whose folder, or a new multirun whose job folders, already hold a run, or
     are being written by another run."""
@@ -86,8 +106,13 @@ class RefuseUsedRunFolder(Callback):
         self.locks: dict[Path, int] = {}  # the folders this process holds, and their locks
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # A DDP run's other ranks are started with rank zero's folder, which it has begun to write by then.
         if rank_zero_only.rank != 0:
+            # Rank zero holds the folder, and may have begun to write it: a DDP run's other ranks are started with
+            # its folder, or (torchrun, srun) start beside it. Checkpoints are the one thing rank zero cannot have
+            # written yet, as it trains only with them: a folder that holds some is an earlier run's (a requeued
+            # SLURM job's), which rank zero refuses too, and these ranks would wait for it until DDP's timeout.
+            if not config.get("ckpt_path"):
+                refuse_used(Path(config.hydra.run.dir), only_checkpoints=True)
             return
         try:
             self.check_run_folder(config)
@@ -113,21 +138,7 @@ class RefuseUsedRunFolder(Callback):
                     "process), or none for a new dated one."
                 )
             return
-        if not (found := run_outputs(folder)):
-            return
-        where = shown(str(folder))
-        listed = ", ".join(shown(str(p)) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        # SystemExit: Hydra turns an Exception raised in a callback into a warning and goes on
-        if any(p.suffix == ".ckpt" for p in found):
-            harm = "would overwrite its checkpoints and mix its curves with the new run's"
-            resume = f"Resume that run with: python train.py {ckpt_path_arg(where)} (and its settings), or start"
-        else:  # stopped before its first checkpoint (diverged, interrupted): nothing to resume
-            harm = "would mix its curves with the new run's (it saved no checkpoint, so it cannot be resumed)"
-            resume = "Start"
-        raise SystemExit(
-            f"error: hydra.run.dir={where} already holds a run ({listed}): a new one there {harm}. {resume} the new "
-            f"one in another folder (another hydra.run.dir, or none for a new dated one), or delete {where} first."
-        )
+        refuse_used(folder)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if rank_zero_only.rank != 0:  # under torchrun or srun every process runs the sweep: rank zero checks

@@ -223,6 +223,24 @@ def test_other_ranks_get_no_log_file_and_other_logging_choices_replace_rank_zero
     assert (settings.file, settings.level, settings.output_subdir) == ("/dev/null", "WARNING", None)
 
 
+def test_other_ranks_refuse_a_folder_with_an_earlier_runs_checkpoints_and_leave_the_rest_to_rank_zero(monkeypatch,
+                                                                                                          tmp_path):
+    from minigpt.run_folder import RefuseUsedRunFolder
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # as under srun, where every rank starts at once
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"")  # rank zero may have written these
+    check = RefuseUsedRunFolder()
+    config = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path)}, "output_subdir": ".hydra"}, "ckpt_path": None})
+    check.on_run_start(config)  # goes on, and leaves the folder's lock to rank zero
+    assert not check.locks
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")  # rank zero trains only with us: an earlier run's
+    with pytest.raises(SystemExit, match=r"already holds a run .*last.ckpt.* Resume that run with"):
+        check.on_run_start(config)  # instead of waiting for rank zero, which refused, until DDP's timeout
+    check.on_run_start(OmegaConf.merge(config, {"ckpt_path": str(tmp_path)}))  # a resume: rank zero checks it
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resumes_on_one(text_file, tmp_path):
     run_dir = tmp_path / "run"
