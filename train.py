@@ -231,11 +231,11 @@ def check_torchrun_processes(trainer: DictConfig) -> None:
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     nodes = int(os.environ.get("WORLD_SIZE", per_node)) // per_node
     devices, num_nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    if is_whole(devices) and devices > 0 and (devices, num_nodes) != (per_node, nodes):
-        raise ValueError(f"torchrun started {per_node} processes per node on {nodes} node(s), and trainer.devices="
-                         f"{devices} trainer.num_nodes={num_nodes} asks for {devices} on {num_nodes}: give "
-                         f"trainer.devices={per_node} trainer.num_nodes={nodes} (torchrun's --nproc-per-node and "
-                         "--nnodes)")
+    # devices=-1 (every GPU) or auto: Lightning counts them and compares
+    if num_nodes != nodes or (is_whole(devices) and devices > 0 and devices != per_node):
+        raise ValueError(f"torchrun started {per_node} processes per node on {nodes} node(s), which trainer.devices="
+                         f"{devices} trainer.num_nodes={num_nodes} do not match: give trainer.devices={per_node} "
+                         f"trainer.num_nodes={nodes} (torchrun's --nproc-per-node and --nnodes)")
 
 
 def check_cpu_processes(trainer: DictConfig) -> None:
@@ -244,9 +244,9 @@ def check_cpu_processes(trainer: DictConfig) -> None:
     if devices == "auto":
         return
     if not (is_whole(devices) and devices > 0):
-        raise ValueError(f"trainer.devices={as_typed(devices)}: on the CPU it is how many processes train (one, or with "
-                         "trainer=ddp_cpu several, 2 by default), a whole number of at least 1; -1 (every device) is "
-                         "for GPUs")
+        raise ValueError(f"trainer.devices={as_typed(devices)}: on the CPU it is how many processes train (one, or "
+                         "with trainer=ddp_cpu several, 2 by default), a whole number of at least 1; -1 (every "
+                         "device) is for GPUs")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if devices > cores:
         log.warning("trainer.devices=%d CPU processes on %d cores: they share them, each slower than one process "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import os
 import pstats
 import statistics
 import subprocess
@@ -275,6 +276,10 @@ def main() -> None:
                         "spend their host time: Lightning, the compiled code's runtime, PyTorch's Python... (cProfile)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
+    if unknown := sorted(set(args.variants.split(",")) - set(VARIANTS)):  # before minutes of the others
+        parser.error(f"--variants {args.variants}: {', '.join(unknown)} is not one of {', '.join(VARIANTS)}")
+    if args.baseline and args.baseline not in args.variants.split(","):
+        parser.error(f"--baseline {args.baseline} is not among --variants {args.variants}")
 
     cfg = compose_cfg(args, tempfile.gettempdir())
     datamodule = train.hydra.utils.instantiate(cfg.data)
@@ -300,11 +305,11 @@ def main() -> None:
              f"{'bf16-mixed' if args.device == 'cuda' else 'fp32'}")
     body = "\n".join(rows) + (f"\n\n{args.reps} repetitions of {args.steps} timed steps after {args.warmup} "
                               "warm-up steps, variants alternating; ratios of medians.")
-    if "ddp" in variants:
+    if "ddp" in variants:  # the threads Lightning gives each process, unless OMP_NUM_THREADS says
+        threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // args.processes)
         body += (f" ddp: `python train.py trainer=ddp_cpu trainer.devices={args.processes}`, {args.processes} "
-                 f"processes of {args.batch_size // args.processes} windows each ({torch.get_num_threads()} "
-                 f"cores / {args.processes} threads each, Lightning's choice), gradients averaged over gloo; their "
-                 "start-up is outside the clock.")
+                 f"processes of {args.batch_size // args.processes} windows and {threads} thread(s) each, gradients "
+                 "averaged over gloo; their start-up is outside the clock.")
     profiled = [v for v in PROFILED if v in variants] if args.profile else []
     if profiled:
         profiles = {v: profile_variant(v, args, datamodule) for v in profiled}

@@ -29,8 +29,8 @@ def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, 
     """Draw the autograd graph of the loss on (idx, targets) to `path` (.svg, .png or .pdf); returns the file written.
 
     `blocks`: how many of the model's transformer blocks to draw, from the first; None = all of them. The picture
-    says how many it leaves out and which `setting` draws them all. Where `dot` is missing, writes `path` with the suffix `.dot` instead and says in
-    the log how to render it.
+    says how many it leaves out and which `setting` draws them all. Where `dot` is missing, writes `path` with the
+    suffix `.dot` instead and says in the log how to render it.
     """
     path = Path(path)
     check_graph_file(path)
@@ -62,7 +62,8 @@ def first_blocks(model: GPT, blocks: int) -> GPT:
     """A copy of `model` with its first `blocks` transformer blocks only: same names, shapes, weights and mode."""
     with torch.random.fork_rng(devices=[]):  # the copy's initialisation leaves the run's random numbers alone
         copy = GPT(dataclasses.replace(model.config, n_layer=blocks))
-    copy.load_state_dict(model.state_dict(), strict=False)  # the later blocks' weights have nowhere to go
+    left_over = copy.load_state_dict(model.state_dict(), strict=False)  # the later blocks' have nowhere to go
+    assert not left_over.missing_keys, left_over.missing_keys  # every weight of the copy is the model's own
     return copy.to(next(model.parameters()).device).train(model.training)
 
 

@@ -52,8 +52,6 @@ def count_cpu_attention_flops() -> None:
             flop_counter.sdpa_backward_flop_count(grad_out, query, key, value))
 
 
-count_cpu_attention_flops()
-
 
 def split_linear_weights(model: nn.Module, within: nn.Module | None = None) -> tuple[list, list]:
     """The weights of the linear layers in `within` (all of `model` by default), and every other parameter."""
@@ -166,6 +164,7 @@ class MiniGPTModule(L.LightningModule):
         # One window: Lightning's model summary runs it through each layer for the in and out sizes and the FLOPs
         # of a forward pass (without it, a column of zeros)
         self.example_input_array = torch.zeros(1, self.model.config.block_size, dtype=torch.long)
+        count_cpu_attention_flops()
         # Validation loss as metrics that sync across DDP ranks: the mean over every window (each rank validates its
         # share), and the lowest of the run, resumes included, which sweeps minimise (lightning-hydra-template's way).
         self.val_loss = MeanMetric(nan_strategy="disable")  # no check (a host sync per batch): a nan shows in the mean
@@ -284,7 +283,8 @@ class MiniGPTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
-        self._restored_train_loss = {**checkpoint.get("train_loss_since_validation", {}), "step": checkpoint["global_step"]}
+        self._restored_train_loss = {**checkpoint.get("train_loss_since_validation", {}),
+                                     "step": checkpoint["global_step"]}
         # (a checkpoint written before the module kept its best: the checkpoint callback's record, if any)
         best = checkpoint.get("val_loss_best", monitoring_state(checkpoint).get("best_model_score"))
         self._restored_best = None if best is None else float(best)

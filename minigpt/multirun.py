@@ -9,12 +9,14 @@ back through a file named by METRICS_FILE.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -106,11 +108,12 @@ def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "metrics.json"
         log.info("Running this job as a run of its own in a new process, which starts the run's other processes")
-        process = subprocess.Popen(job_command(job, script), cwd=job.runtime.cwd,
+        # a process group of its own (with the ranks it starts), which this process stops as a whole
+        process = subprocess.Popen(job_command(job, script), cwd=job.runtime.cwd, start_new_session=True,
                                    env={**os.environ, METRICS_FILE: str(result)})
         try:
             status = process.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the job's processes too: give them time to stop and say so
+        except KeyboardInterrupt:  # Ctrl-C, or SIGINT to this process alone: the job gets it and time to stop
             stop_after_interrupt(process)
             raise SystemExit(f"Interrupted: the sweep stopped in the job of {job.runtime.output_dir}, whose last "
                              "lines say where it can resume from") from None
@@ -125,13 +128,25 @@ def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
 
 
 def stop_after_interrupt(process: subprocess.Popen, grace: float = 60.0) -> None:
-    """Wait for a job's process that got Ctrl-C to shut down, as Lightning does (it logs where the run can resume
-    from); kill it after `grace` seconds or at a second Ctrl-C. (subprocess.run kills it after a quarter second.)"""
+    """Interrupt a job's process group as Ctrl-C would and wait for it to shut down, as Lightning does (it logs where
+    the run can resume from); kill the group after `grace` seconds or at a second Ctrl-C. (subprocess.run kills the
+    job's process alone after a quarter second, leaving its DDP ranks to wait for it.)"""
+    log.warning("Interrupted: waiting for the job to stop (Ctrl-C again kills it)")
+    signal_group(process, signal.SIGINT)
     try:
         process.wait(timeout=grace)
     except (KeyboardInterrupt, subprocess.TimeoutExpired):
-        process.kill()
+        signal_group(process, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
         process.wait()
+
+
+def signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the process group `process` leads (POSIX); elsewhere (Windows: not checked) end the process."""
+    if not hasattr(os, "killpg"):
+        process.kill()
+        return
+    with contextlib.suppress(ProcessLookupError):  # it ended already
+        os.killpg(process.pid, sig)
 
 
 def runs_for_a_job() -> bool:

@@ -55,12 +55,6 @@ def gradient_flow(layers: list[str], mean_abs: list[float], max_abs: list[float]
     return figure
 
 
-# Fixed, so that maps of different steps compare, and square-root: a query spreads its one unit of attention over
-# up to T keys, so most weights are small (1/T if even), and on a linear scale they all drown in the dark end
-# beside the first row, which can only attend to itself (1.0). The colour bar is marked in weights as they are.
-ATTENTION_SCALE = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
-
-
 def attention_heads(weights: np.ndarray, tokens: list[str], title: str) -> Figure:
     """One heatmap per head of a layer, `weights` (nh, T, T): row = the query's token, column = the key's."""
     n_head, T, _ = weights.shape
@@ -81,7 +75,10 @@ def attention_heads(weights: np.ndarray, tokens: list[str], title: str) -> Figur
     axes = figure.subplots(1, n_head, squeeze=False)[0]
     label_style = dict(fontsize=7, family="monospace", clip_on=False)
     for h, ax in enumerate(axes):
-        image = ax.imshow(weights[h], cmap="viridis", norm=ATTENTION_SCALE)
+        # fixed, so that maps of different steps compare, and square-root: a query spreads its one unit of attention
+        # over up to T keys, so most weights are small (1/T if even), and on a linear scale they drown in the dark
+        # beside the first row's 1.0 (it can only attend to itself). The colour bar is marked in weights as they are.
+        image = ax.imshow(weights[h], cmap="viridis", norm=PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0))
         ax.set_xticks([])
         ax.set_yticks([])
         for i, label in enumerate(labels):  # keys under each map; y grows downwards in an image

@@ -172,6 +172,12 @@ def job_number(folder: Path) -> int:
     return int(head) if head.isdigit() else -1
 
 
+def job_link(folder: Path) -> str:
+    """A job in comparison.md: its number, linked to its folder (whose name repeats the job's overrides)."""
+    number = job_number(folder)
+    return f"[{number if number >= 0 else folder.name}](<{folder.name}/>)"
+
+
 def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     """Write comparison.png, .md and .csv into a multirun folder; returns their paths."""
     multirun_dir = Path(multirun_dir)
@@ -203,16 +209,13 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
         csv.writer(f).writerows([header, *rows])
     lines = [f"# {multirun_dir}", ""] + ([f"Common to all jobs: `{shared}`", ""] if shared else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for job, row in zip(jobs, rows):  # the job's number, linked to its folder: the name repeats the overrides
-        number = job_number(job.folder)
-        cells = [f"[{number if number >= 0 else job.folder.name}](<{job.folder.name}/>)", f"`{row[1]}`", *row[2:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"`{job.folder.name}` wrote no events: it failed before training (its train.log says why)."
+    lines += ["| " + " | ".join([job_link(job.folder), f"`{row[1]}`", *row[2:]]) + " |" for job, row in zip(jobs, rows)]
+    notes = [f"Job {job_link(job.folder)} wrote no events: it failed before training (its train.log says why)."
              for job in jobs if not job.spans]
-    notes += [f"`{job.folder.name}` diverged (its train.log says at which step): its best val/loss is from before."
-              for job in jobs if job.diverged]
-    notes += [f"`{job.folder.name}` was resumed ({len(job.spans)} processes wrote its events): its overrides are its "
-              "first run's, and its wall time and tokens/s leave out the pauses between the processes."
+    notes += [f"Job {job_link(job.folder)} diverged (its train.log says at which step): its best val/loss is from "
+              "before." for job in jobs if job.diverged]
+    notes += [f"Job {job_link(job.folder)} was resumed ({len(job.spans)} processes wrote its events): its overrides "
+              "are its first run's, and its wall time and tokens/s leave out the pauses between the processes."
               for job in jobs if len(job.spans) > 1]
     if any(row[-1] == "nan" for row, job in zip(rows, jobs) if job.spans):
         notes += ["tokens/s is nan for a job that logged fewer than two training steps (see trainer.log_every_n_steps) "

@@ -190,7 +190,8 @@ def test_a_resumed_runs_console_mean_goes_on_from_the_checkpoint_or_says_where_i
 
     saved, resumed = (MiniGPTModule(vocab=VOCAB, model=SIZES) for _ in range(2))
     for module in (saved, resumed):
-        module._trainer = SimpleNamespace(world_size=world_size, lr_scheduler_configs=[])
+        module._trainer = SimpleNamespace(world_size=world_size, lr_scheduler_configs=[], accumulate_grad_batches=1,
+                                          num_devices=world_size, num_nodes=1)
     saved._train_loss_sum, saved._train_loss_count = torch.tensor(12.0), 3  # 3 steps since the last validation
     checkpoint = {"global_step": 14}
     saved.on_save_checkpoint(checkpoint)

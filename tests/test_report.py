@@ -146,9 +146,9 @@ def test_the_sweep_table_lists_failed_diverged_and_resumed_jobs_and_leaves_out_p
     assert len(rows) == 4 and rows[failed.name]["best val/loss"] == "nan"
     markdown = table_md.read_text()
     assert f"| [{job_number(failed)}](<{failed.name}/>) | " in markdown  # its number, linked to its folder
-    assert f"`{failed.name}` wrote no events: it failed before training" in markdown
-    assert f"`{diverged.name}` diverged" in markdown
-    assert f"`{resumed.name}` was resumed (2 processes wrote its events)" in markdown
+    assert f"Job [{job_number(failed)}](<{failed.name}/>) wrote no events: it failed before training" in markdown
+    assert f"Job [{job_number(diverged)}](<{diverged.name}/>) diverged" in markdown
+    assert f"Job [{job_number(resumed)}](<{resumed.name}/>) was resumed (2 processes wrote its events)" in markdown
 
 
 def test_a_job_without_its_hydra_record_is_still_compared_and_an_empty_run_is_not_drawn(trained_run, cfg_tiny_global,

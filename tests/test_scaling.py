@@ -109,7 +109,8 @@ multirun.run_job_in_new_process(job, Path(sys.argv[1]))
 """
 
 
-def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resume(tmp_path):
+@pytest.mark.parametrize("to", ["group", "sweep"])  # a terminal's Ctrl-C; kill -INT <sweep>, an IDE's stop button
+def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resume(tmp_path, to):
     import os
     import signal
 
@@ -121,7 +122,7 @@ def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resu
     while "job: started" not in started[-1]:  # the sweep's own log lines come first
         assert started[-1], "the job did not start: " + "".join(started)
         started.append(sweep.stdout.readline())
-    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C: the sweep's process and the job's
+    (os.killpg if to == "group" else os.kill)(sweep.pid, signal.SIGINT)
     out = "".join(started) + sweep.communicate(timeout=60)[0]
     assert "job: interrupted at step 7; resume with ckpt_path=..." in out  # not killed before it could say so
     assert f"Interrupted: the sweep stopped in the job of {tmp_path / '0_job'}" in out
@@ -146,7 +147,7 @@ def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them(
 
 
 @pytest.mark.parametrize("devices", [-1, 0, 1.0, "two"])
-def test_a_number_of_cpu_processes_that_is_not_one_is_refused_with_what_it_means(devices):
+def test_a_number_of_cpu_processes_that_is_not_a_whole_number_above_0_is_refused_with_what_it_means(devices):
     with pytest.raises(ValueError, match=r"trainer.devices=.*: on the CPU it is how many processes train .* -1 \(every "
                                          r"device\) is for GPUs"):
         train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": devices}))
@@ -156,12 +157,15 @@ def test_settings_that_do_not_match_the_processes_torchrun_started_name_the_ones
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun --nnodes=2 --nproc-per-node=1
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"torchrun started 1 processes per node on 2 node\(s\), and trainer.devices=2 "
-                                         r"trainer.num_nodes=1 asks for 2 on 1: give trainer.devices=1 "
-                                         r"trainer.num_nodes=2"):
+    with pytest.raises(ValueError, match=r"torchrun started 1 processes per node on 2 node\(s\), which "
+                                         r"trainer.devices=2 trainer.num_nodes=1 do not match: give "
+                                         r"trainer.devices=1 trainer.num_nodes=2"):
         train.check_torchrun_processes(OmegaConf.create({"devices": 2, "num_nodes": 1}))
     train.check_torchrun_processes(OmegaConf.create({"devices": 1, "num_nodes": 2}))
     train.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 2}))  # every GPU: Lightning counts
+    with pytest.raises(ValueError, match=r"trainer.devices=-1 trainer.num_nodes=1 do not match: give trainer.devices=1 "
+                                         r"trainer.num_nodes=2"):  # trainer=ddp without the nodes torchrun has
+        train.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 1}))
 
 
 def test_more_cpu_processes_than_cores_are_warned_about(monkeypatch, caplog):
