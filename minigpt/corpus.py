@@ -51,14 +51,16 @@ def source_files(path: str, glob: str) -> list[Path]:
 
 
 def fingerprint(files: list[Path], settings: dict) -> str:
-    """What the token file was made from: each file's path, size and modification time, and the tokenizer settings.
+    """What the token file was made from: each file's path, size, modification and change times and inode, and the
+    tokenizer settings.
 
-    Editing, adding, removing or touching a file changes it; reading a file's contents is not needed.
+    Editing, adding, removing or touching a file changes it, and so does replacing one by a file of the same size and
+    modification time (`cp -p`, `tar x`: a new inode or change time); reading a file's contents is not needed.
     """
     listing = []
     for file in files:
         stat = file.stat()
-        listing.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
+        listing.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
     blob = json.dumps({"format": FORMAT, "files": listing, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -73,6 +75,19 @@ def last_safe_cut(text: str) -> int:
     return 0
 
 
+def not_text(file: Path, offset: int, reason: str, data: bytes) -> ValueError:
+    """The error for a file that is not UTF-8 text, with what to do: `data` is what was read of it."""
+    if b"\0" in data:  # no text has NUL bytes: an image, an archive, a program...
+        return ValueError(f"{file} is not text (it holds NUL bytes, as images, archives and programs do): leave it "
+                          "out, e.g. data.glob='**/*.txt' to read only the .txt files of a folder.")
+    return ValueError(
+        f"{file} is not UTF-8 text: byte {offset} ({reason}). If it is text in another encoding, convert it into a "
+        f"new file and train on that, keeping the original: e.g. `iconv -f latin1 -t utf-8 {file.name} > "
+        f"{Path(file.name).stem}.utf8.txt` (`file {file.name}` guesses its encoding; latin1 is one, cp1252 and "
+        "utf-16 are others); leave the original out with data.glob."
+    )
+
+
 def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = None,
                 limit_bytes: int | None = None) -> Iterator[str]:
     """The files' text, one after the other, in pieces of about `chunk_bytes` bytes cut at `SAFE_SPLIT` points.
@@ -85,18 +100,13 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
         decoder = codecs.getincrementaldecoder("utf-8")()
         carry, offset = "", 0
         with file.open("rb") as f:
-            while True:
-                data = f.read(chunk_bytes)
+            while True:  # never past limit_bytes (a BPE trained on the training text must not read validation text)
+                data = f.read(chunk_bytes if limit_bytes is None else min(chunk_bytes, limit_bytes - read))
                 pending = len(decoder.getstate()[0])  # bytes of a character the previous read cut in two
                 try:
                     text = carry + decoder.decode(data, final=not data)
                 except UnicodeDecodeError as err:
-                    raise ValueError(
-                        f"{file} is not UTF-8 text: byte {offset - pending + err.start} ({err.reason}). Convert it in "
-                        f"place, e.g. in its folder `iconv -f latin1 -t utf-8 {file.name} > {file.name}.utf8 && mv "
-                        f"{file.name}.utf8 {file.name}`, or leave it out of data.path (data.glob chooses the files "
-                        "of a folder)."
-                    ) from None
+                    raise not_text(file, offset - pending + err.start, err.reason, data) from None
                 offset += len(data)
                 read += len(data)
                 if progress is not None:
@@ -211,6 +221,19 @@ class Corpus:
     tokenizer: CharTokenizer | BPETokenizer
 
 
+def make_cache_folder(folder: Path) -> None:
+    """Create `folder` in the cache, or say which setting names a cache this user cannot write."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"Permission denied: {folder}")
+    except OSError as err:
+        raise ValueError(
+            f"The cache folder {folder} cannot be written ({err.strerror or err}): data.cache_dir (or the "
+            "MINIGPT_CACHE_DIR variable) must name a folder this user can write, e.g. data.cache_dir=~/.cache/minigpt"
+        ) from None
+
+
 def corpus_folder(cache_dir: str | Path, path: str, settings: dict) -> Path:
     """One cache folder per source and tokenizer settings: a changed source is rebuilt in place, not beside."""
     key = json.dumps({"path": str(Path(path).expanduser().resolve()), **settings}, sort_keys=True)
@@ -294,7 +317,7 @@ def tokenize_corpus(path: str, cache_dir: str | Path, glob: str = "**/*.txt", to
     if (corpus := load_corpus(folder, current)) is not None:
         log.info("Using the token file in %s: the source is unchanged", folder)
         return corpus
-    folder.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(folder)
     with open(folder / ".lock", "w") as lock:
         # DDP ranks started together (torchrun, SLURM) would all tokenize: one does, the others wait and reuse it
         fcntl.flock(lock, fcntl.LOCK_EX)

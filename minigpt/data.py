@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_wor
 
 from minigpt.atomic import atomic_write
 from minigpt.checks import as_typed, is_number, is_whole
-from minigpt.corpus import Corpus, TokenFile, tokenize_corpus
+from minigpt.corpus import Corpus, TokenFile, make_cache_folder, not_text, tokenize_corpus
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
     """Where the text comes from: `path` if given, else the cache, else a verified download into the cache."""
     if path is not None:
         file = Path(path).expanduser()
+        if file.is_dir():
+            raise FileNotFoundError(f"data.path={path} is a folder: data=text reads a folder's files (data.glob picks "
+                                    f"them, *.txt by default): python train.py data=text data.path={path}")
         if not file.is_file():
             raise FileNotFoundError(f"data.path={path} does not exist or is not a file. Give the path of a UTF-8 text file.")
         return file
@@ -59,6 +62,7 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
         return cache_file
     if url is None:
         raise FileNotFoundError(f"No data file: {cache_file} does not exist and no data.url is set to fetch it from.")
+    make_cache_folder(cache_file.parent)  # an unwritable cache is not a failed download
     try:
         download(url, cache_file, sha256)
     except (urllib.error.URLError, OSError) as err:
@@ -72,13 +76,11 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
 
 
 def read_text(file: Path) -> str:
+    data = file.read_bytes()
     try:
-        return file.read_text(encoding="utf-8")
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as open() in text mode reads it
     except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{file} is not UTF-8 text (byte {err.start}: {err.reason}). Convert it, e.g. "
-            f"`iconv -f latin1 -t utf-8 {file} > {file.stem}.utf8.txt`, and pass that file as data.path."
-        ) from None
+        raise not_text(file, err.start, err.reason, data) from None
 
 
 def windows(tokens: torch.Tensor | TokenFile, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,13 +129,21 @@ def check_settings(block_size: int, batch_size: int, train_fraction: float, val_
         raise ValueError(f"data.batch_size and data.block_size must be positive whole numbers, got "
                          f"{as_typed(batch_size)} and {as_typed(block_size)}")
     if not (is_number(train_fraction) and 0.0 < train_fraction < 1.0):
-        raise ValueError(f"data.train_fraction must be between 0 and 1, got {train_fraction!r}")
+        raise ValueError(f"data.train_fraction is the share of the text that trains, the rest validating: above 0 "
+                         f"and below 1 (0.9 by default), got {train_fraction!r}")
     if val_batches is not None and not (is_whole(val_batches) and val_batches > 0):
         raise ValueError(f"data.val_batches must be a positive whole number, or null for the whole split, got "
                          f"{as_typed(val_batches)}")
     for name, value in (("seed", seed), ("val_seed", val_seed)):
         if not is_whole(value):
             raise ValueError(f"data.{name} must be a whole number, got {as_typed(value)}")
+
+
+def check_cache_dir(cache_dir: str) -> None:
+    if not cache_dir:  # a MINIGPT_CACHE_DIR that is set to nothing would put the cache in the working directory
+        raise ValueError("data.cache_dir is empty (is the MINIGPT_CACHE_DIR variable set to nothing?): name the folder "
+                         "for downloads and token files, e.g. data.cache_dir=~/.cache/minigpt, or unset "
+                         "MINIGPT_CACHE_DIR")
 
 
 class WindowsDataModule(L.LightningDataModule):
@@ -217,6 +227,7 @@ class TextDataModule(WindowsDataModule):
     ):
         super().__init__()
         check_settings(block_size, batch_size, train_fraction, val_batches, seed, val_seed)
+        check_cache_dir(cache_dir)
         self.save_hyperparameters()
         self.cache_file = Path(cache_dir).expanduser() / name / (Path(url).name if url else "input.txt")
 
@@ -266,6 +277,7 @@ class CorpusDataModule(WindowsDataModule):
             raise ValueError("data=text reads data.path: give a UTF-8 text file or a folder of them, "
                              "e.g. data.path=/data/my_corpus")
         check_settings(block_size, batch_size, train_fraction, val_batches, seed, val_seed)
+        check_cache_dir(cache_dir)
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 (windows read in the training process) or more, got {num_workers}")
         self.save_hyperparameters()

@@ -16,7 +16,7 @@ from omegaconf import open_dict
 import minigpt.corpus as corpus
 import train
 from minigpt.corpus import TokenFile, read_chunks, tokenize_corpus
-from minigpt.data import CorpusDataModule, RandomWindows, windows
+from minigpt.data import CorpusDataModule, RandomWindows, TextDataModule, windows
 from minigpt.tokenizer import BPETokenizer, CharTokenizer, token_dtype
 from minigpt.inspect import inspect
 from minigpt.resume import check_resumable
@@ -89,6 +89,18 @@ def test_the_token_file_is_reused_until_a_file_changes(folder, tmp_path, monkeyp
         with pytest.raises(AssertionError, match="rebuilt"):
             tokenize_corpus(str(folder), cache)
 
+    # replaced by another text of the same size and modification time, as `cp -p` or `tar x` replace a file
+    before = tokenize_corpus(str(folder), cache)
+    original = folder / "a.txt"
+    stat = original.stat()
+    replacement = folder / "a.new"
+    replacement.write_text(original.read_text(encoding="utf-8").swapcase(), encoding="utf-8")
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, original)
+    assert (original.stat().st_size, original.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after = tokenize_corpus(str(folder), cache)
+    assert after.tokenizer.decode(after.tokens[:]) != before.tokenizer.decode(before.tokens[:])  # the new text
+
 
 def test_a_run_keeps_reading_its_token_file_when_another_rebuilds_it(folder, tmp_path, monkeypatch):
     """The corpus edited while a run trains on it: the next run rebuilds the token file in place, and the running
@@ -135,6 +147,15 @@ def test_cutting_a_text_into_chunks_changes_no_bpe_token(tmp_path):
     assert torch.equal(torch.cat([tokenizer.encode(c) for c in chunks]), tokenizer.encode(text))
 
 
+@pytest.mark.parametrize("limit", [1, 49, 50, 51, 333])
+def test_a_limited_read_stops_at_the_limit_and_never_in_the_text_after_it(tmp_path, limit):
+    text = make_text(40)
+    (tmp_path / "a.txt").write_text(text[:200], encoding="utf-8")
+    (tmp_path / "b.txt").write_text(text[200:], encoding="utf-8")  # the limit falls in the second file too
+    read = "".join(read_chunks([tmp_path / "a.txt", tmp_path / "b.txt"], chunk_bytes=50, limit_bytes=limit))
+    assert read == text.encode()[:limit].decode("utf-8", errors="ignore")  # a character cut in two is left out
+
+
 def test_windows_from_the_token_file_are_those_of_the_tokens_in_memory(folder, tmp_path):
     got = tokenize_corpus(str(folder), tmp_path / "cache")
     in_memory = got.tokenizer.encode(corpus_text(folder))
@@ -177,11 +198,27 @@ def test_the_data_module_never_holds_the_corpus_in_memory(folder, tmp_path):
     assert next(stream)[0].shape == (4, 16)
 
 
+def test_a_cache_that_cannot_be_written_or_is_empty_is_named_not_taken_for_a_failed_download(tmp_path, text_file):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"cache folder .*a_file/corpora/.* cannot be written .*data.cache_dir \(or the "
+                                         r"MINIGPT_CACHE_DIR variable\) must name a folder this user can write"):
+        CorpusDataModule(path=str(text_file), cache_dir=str(tmp_path / "a_file"), block_size=16).setup()
+    tinyshakespeare = TextDataModule(cache_dir=str(tmp_path / "a_file"), url="http://127.0.0.1:9/input.txt")
+    with pytest.raises(ValueError, match=r"cache folder .*a_file/tinyshakespeare cannot be written"):
+        tinyshakespeare.prepare_data()  # not "could not be downloaded ... copy it to <a path inside a file>"
+    for module in (CorpusDataModule, TextDataModule):  # MINIGPT_CACHE_DIR= (set, but to nothing)
+        with pytest.raises(ValueError, match=r"data.cache_dir is empty \(is the MINIGPT_CACHE_DIR variable set to"):
+            module(path=str(text_file), cache_dir="")
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda root: root / "missing", "does not exist"),
     (lambda root: root, "no file matching"),  # an empty folder
     (lambda root: (root / "short.txt").write_text("abc" * 5) and root, "15 tokens: too short for block_size=16"),
-    (lambda root: (root / "x.txt").write_bytes(b"fine text\n" * 3 + b"\xff oops") and root, r"x.txt is not UTF-8 text: byte 30"),
+    (lambda root: (root / "x.txt").write_bytes(b"fine text\n" * 3 + b"\xff oops") and root,
+     r"x.txt is not UTF-8 text: byte 30\b.* keeping the original: .* > x.utf8.txt`"),  # never overwrite it
+    (lambda root: (root / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR") and root / "a.png",
+     r"a.png is not text \(it holds NUL bytes.*data.glob='\*\*/\*.txt'"),
 ])
 def test_bad_sources_get_clear_errors(tmp_path, make, message):
     root = tmp_path / "corpus"

@@ -119,9 +119,30 @@ def test_cached_file_with_wrong_checksum_is_kept_and_explained(tmp_path):
     assert cache_file.read_text() == "not shakespeare"  # nothing the user had is deleted
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"path": "{tmp}"}, r"data.path=.* is a folder: data=text reads a folder's files .* python train.py data=text "
+                        r"data.path="),
+    ({"train_fraction": 1}, r"data.train_fraction is the share of the text that trains, the rest validating: above "
+                            r"0 and below 1 \(0.9 by default\), got 1"),
+])
+def test_settings_the_text_module_cannot_take_say_what_they_mean(tmp_path, text_file, settings, message):
+    settings = {"path": str(text_file), **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+                                         for k, v in settings.items()}}
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        TextDataModule(block_size=16, **settings).setup()
+
+
+def test_windows_line_endings_are_read_as_newlines(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"To be,\r\nor not to be:\r\n" * 20)
+    dm = TextDataModule(path=str(tmp_path / "crlf.txt"), block_size=16)
+    dm.setup()
+    assert "\r" not in dm.tokenizer.decode(dm.train_tokens) and "be,\nor" in dm.tokenizer.decode(dm.train_tokens)
+
+
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "too short"), (b"abc" * 10, "too short"), (b"\xff\xfe bad bytes" * 100, "not UTF-8")],
+    [(b"", "too short"), (b"abc" * 10, "too short"), (b"\xff\xfe bad bytes" * 100, "not UTF-8"),
+     (b"\x1f\x8b\x08\0\0\0" * 100, "not text \\(it holds NUL bytes")],  # a .gz
 )
 def test_bad_text_files_get_clear_errors(tmp_path, content, message):
     path = tmp_path / "corpus.txt"
