@@ -29,7 +29,7 @@ from minigpt.tokenizer import SAFE_SPLIT, BPETokenizer, CharTokenizer, token_dty
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # part of the fingerprint: a change to how token files are written makes old ones stale
+FORMAT = 2  # part of the fingerprint: a change to how token files are written makes old ones stale (2: newlines)
 TOKENIZERS = ("char", "bpe")
 
 
@@ -93,12 +93,13 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
     """The files' text, one after the other, in pieces of about `chunk_bytes` bytes cut at `SAFE_SPLIT` points.
 
     Decoding is incremental, so a character split between two reads is joined up; a byte that is not UTF-8
-    raises a ValueError naming the file and the byte's offset. Stops after `limit_bytes` bytes, if given.
+    raises a ValueError naming the file and the byte's offset. Line endings read as Python reads a text file
+    (\r\n and \r as \n) and a leading byte-order mark is dropped. Stops after `limit_bytes` bytes, if given.
     """
     read = 0
     for file in files:
         decoder = codecs.getincrementaldecoder("utf-8")()
-        carry, offset = "", 0
+        carry, offset, started = "", 0, False
         with file.open("rb") as f:
             while True:  # never past limit_bytes (a BPE trained on the training text must not read validation text)
                 data = f.read(chunk_bytes if limit_bytes is None else min(chunk_bytes, limit_bytes - read))
@@ -107,16 +108,22 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
                     text = carry + decoder.decode(data, final=not data)
                 except UnicodeDecodeError as err:
                     raise not_text(file, offset - pending + err.start, err.reason, data) from None
+                if not started and text:  # a byte-order mark, which some editors write first: not text
+                    text, started = text.removeprefix("\ufeff"), True
                 offset += len(data)
                 read += len(data)
                 if progress is not None:
                     progress.update(len(data))
                 done = not data or (limit_bytes is not None and read >= limit_bytes)
+                # Windows' and old Macs' line endings read as newlines, as Python reads a text file; a \r that ends
+                # a read waits for the next one, which may begin with its \n
+                held = "\r" if text.endswith("\r") and not done else ""
+                text = text[:len(text) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
                 # a line longer than a few chunks is cut where the read ended, so memory stays bounded
                 cut = len(text) if done or len(text) > 4 * chunk_bytes else last_safe_cut(text)
                 if cut:
                     yield text[:cut]
-                carry = text[cut:]
+                carry = text[cut:] + held
                 if done:
                     break
         if limit_bytes is not None and read >= limit_bytes:
@@ -282,6 +289,11 @@ def build_corpus(files: list[Path], folder: Path, tokenizer: str, vocab_size: in
         lines = (line for text in read_chunks(files, chunk_bytes, limit_bytes=train_bytes)
                  for line in SAFE_SPLIT.split(text))
         encoder = BPETokenizer.train(lines, vocab_size)
+        if encoder.vocab_size < vocab_size:
+            log.warning("The BPE learned %d tokens, not data.vocab_size=%d: %d bytes of training text hold no more "
+                        "pairs worth merging. A vocabulary that large for so little text memorises it; a smaller "
+                        "data.vocab_size (or the char tokenizer) suits it better", encoder.vocab_size, vocab_size,
+                        train_bytes)
         with atomic_write(folder / "tokenizer.json") as f:
             f.write(encoder.json.encode())
         extra = {}

@@ -78,7 +78,8 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
 def read_text(file: Path) -> str:
     data = file.read_bytes()
     try:
-        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as open() in text mode reads it
+        # as open() in text mode reads it, and without a byte-order mark: as data=text reads a corpus
+        return data.decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as err:
         raise not_text(file, err.start, err.reason, data) from None
 

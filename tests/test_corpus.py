@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +126,12 @@ def test_a_run_keeps_reading_its_token_file_when_another_rebuilds_it(folder, tmp
         sent[torch.tensor([0])]
 
 
+def test_a_bpe_vocabulary_the_text_cannot_fill_is_warned_about(folder, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        got = tokenize_corpus(str(folder), tmp_path / "cache", tokenizer="bpe", vocab_size=60000)
+    assert f"The BPE learned {got.tokenizer.vocab_size} tokens, not data.vocab_size=60000" in caplog.text
+
+
 def test_bpe_is_trained_locally_and_round_trips(folder, tmp_path):
     got = tokenize_corpus(str(folder), tmp_path / "cache", tokenizer="bpe", vocab_size=300)
     assert isinstance(got.tokenizer, BPETokenizer) and got.tokens.dtype == np.uint16
@@ -145,6 +153,27 @@ def test_cutting_a_text_into_chunks_changes_no_bpe_token(tmp_path):
     chunks = list(read_chunks([file], chunk_bytes=50))
     assert len(chunks) > 10 and "".join(chunks) == text
     assert torch.equal(torch.cat([tokenizer.encode(c) for c in chunks]), tokenizer.encode(text))
+
+
+def test_line_endings_and_a_byte_order_mark_read_as_python_reads_text_wherever_the_reads_are_cut(tmp_path):
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice(["a", "é", "日", " ", "\n", "\r", "\r\n", "x\r\ny"]) for _ in range(rng.randint(0, 30)))
+        mark = rng.choice([b"", b"\xef\xbb\xbf"])
+        (tmp_path / "t.txt").write_bytes(mark + text.encode())
+        as_python_reads_it = (tmp_path / "t.txt").read_text(encoding="utf-8-sig")  # universal newlines
+        for chunk_bytes in (1, 2, 3, 64):
+            assert "".join(read_chunks([tmp_path / "t.txt"], chunk_bytes)) == as_python_reads_it, (text, chunk_bytes)
+
+
+def test_both_data_modules_read_a_windows_text_file_alike(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"\xef\xbb\xbfTo be,\r\nor not to be:\r\n" * 30)
+    one_file = TextDataModule(path=str(tmp_path / "crlf.txt"), block_size=16)
+    any_corpus = CorpusDataModule(path=str(tmp_path / "crlf.txt"), cache_dir=str(tmp_path / "cache"), block_size=16)
+    for module in (one_file, any_corpus):
+        module.setup()
+    assert one_file.tokenizer.vocab == any_corpus.tokenizer.vocab and "\r" not in one_file.tokenizer.vocab
+    assert torch.equal(one_file.train_tokens.long(), any_corpus.train_tokens[:].long())
 
 
 @pytest.mark.parametrize("limit", [1, 49, 50, 51, 333])
