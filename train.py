@@ -38,7 +38,7 @@ from minigpt.module import OPTIMIZERS, MiniGPTModule
 from minigpt.multirun import (JobFailed, JobProcessFailed, SweepDivergenceMarker, check_plugins, report_to_job,
                               restarts_script, run_job_in_new_process, runs_for_a_job, sweep_score)
 from minigpt.resume import (check_resumable, check_same_data, keep_validation_windows, resume_point,
-                            warn_of_changed_global_batch, warn_of_changed_settings)
+                            warn_of_changed_global_batch, warn_of_changed_settings, warn_of_changed_text)
 from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = make_module(cfg, datamodule)
     if checkpoint is not None:
         check_resumable(checkpoint, module, ckpt_file)
+        warn_of_changed_text(checkpoint, datamodule)
     # in place: parameter names, and so checkpoints, stay free of `_orig_mod.`
     compile_model(module.model, cfg.compile, cfg.compile_mode)  # compiles lazily, in the first step
     if cfg.compile is not False and not CAN_RUN_EAGERLY:  # the model summary's pass of one window would compile

@@ -8,6 +8,7 @@ import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -171,6 +172,20 @@ class WindowsDataModule(L.LightningDataModule):
             )
         self.train_tokens, self.val_tokens = tokens.split([n_train, len(tokens) - n_train])  # views, not copies
         self.val_set = TensorDataset(*self._validation_windows())
+        self._text_record: dict[str, int | str] | None = None
+
+    def text_record(self) -> dict[str, int | str]:
+        """What identifies the text this module trains and validates on, for a checkpoint: the lengths of the two
+        splits and a hash of the validation split's first million tokens (a text edited in place, with the same
+        characters, passes every check of the settings)."""
+        if self._text_record is None:  # once: the text does not change under a run (a token file is read as it was)
+            head = self.val_tokens[: 2**20].long().numpy().tobytes()
+            self._text_record = {"train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
+                                 "val_head_sha256": hashlib.sha256(head).hexdigest()}
+        return self._text_record
+
+    def state_dict(self) -> dict[str, Any]:  # saved in checkpoints by Lightning
+        return {"text": self.text_record()} if self.tokenizer is not None else {}
 
     def _validation_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         hp, T = self.hparams, self.hparams.block_size

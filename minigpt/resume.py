@@ -114,6 +114,20 @@ def warn_of_changed_global_batch(checkpoint: dict[str, Any], trainer: Any) -> No
                     "batch, in tensorboard/hparams.yaml).", "; ".join(changed), factor["now"], factor["then"])
 
 
+def warn_of_changed_text(checkpoint: dict[str, Any], datamodule: Any) -> None:
+    """Warn when the text itself changed since the checkpoint (edited in place: the same path and characters).
+    Allowed, as training on a grown corpus is; but val/loss is then measured on other windows than before."""
+    then = (checkpoint.get(type(datamodule).__qualname__) or {}).get("text")  # missing before minigpt recorded it
+    now = datamodule.text_record()
+    if then and then != now:
+        log.warning("The text changed since the checkpoint was saved (training split %d tokens then, %d now; "
+                    "validation split %d then, %d now%s): this run trains on the new text, but its val/loss is "
+                    "measured on other windows than before, so the curve and the best checkpoint compare the two. "
+                    "Restore the text to go on as before, or start a new run for a comparable val/loss.",
+                    then["train_tokens"], now["train_tokens"], then["val_tokens"], now["val_tokens"],
+                    ", other tokens" if then["val_tokens"] == now["val_tokens"] else "")
+
+
 # What a run's data is, and which windows it trains and validates on: a resume must not change them.
 DATA_KEYS = ("path", "name", "glob", "tokenizer", "vocab_size", "train_fraction", "val_batches")
 

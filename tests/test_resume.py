@@ -369,6 +369,29 @@ def test_a_resume_on_other_numbers_of_devices_or_accumulated_batches_is_warned_a
             "x 8 windows now, x 1 then") in caplog.text
 
 
+def test_a_text_edited_in_place_since_the_checkpoint_is_warned_about(trained_run, text_file, tmp_path, caplog):
+    from minigpt import resume
+    from minigpt.data import TextDataModule
+
+    checkpoint = load_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt")
+    assert set(checkpoint["TextDataModule"]["text"]) == {"train_tokens", "val_tokens", "val_head_sha256"}
+    recorded = checkpoint["datamodule_hyper_parameters"]
+    same = TextDataModule(**recorded)
+    same.setup()
+    edited_file = tmp_path / "edited.txt"
+    text = text_file.read_text(encoding="utf-8")
+    edited_file.write_text(text[len(text) // 2:] + text[: len(text) // 2], encoding="utf-8")  # same characters
+    edited = TextDataModule(**{**recorded, "path": str(edited_file)})
+    edited.setup()
+    with caplog.at_level(logging.WARNING):
+        resume.warn_of_changed_text(checkpoint, same)
+        assert not caplog.records
+        resume.warn_of_changed_text(checkpoint, edited)
+        resume.warn_of_changed_text({}, edited)  # a checkpoint from before the record: nothing to compare
+    assert len(caplog.records) == 1 and "The text changed since the checkpoint was saved" in caplog.text
+    assert "other tokens): this run trains on the new text" in caplog.text  # the same lengths, other tokens
+
+
 def test_a_resume_with_a_longer_schedule_trains_its_first_step_at_the_new_schedules_rate(trained_run, cfg_tiny,
                                                                                           tmp_path_factory):
     from minigpt.module import warmup_cosine
