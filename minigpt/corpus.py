@@ -3,7 +3,7 @@
 The token file is the corpus's token ids end to end, in the smallest unsigned type that holds the vocabulary
 (1, 2 or 4 bytes per token), next to the tokenizer (`meta.json` holds a character vocabulary, `tokenizer.json`
 a BPE) in a cache folder. It is written once, streaming through the text in chunks, and reused while the
-source's fingerprint (each file's path, size and modification time, and the tokenizer settings) matches.
+source's fingerprint (each file's path, size, times and inode, and the tokenizer settings) matches.
 Nothing here holds more than a chunk of text or a batch of windows in memory.
 """
 
@@ -75,16 +75,24 @@ def last_safe_cut(text: str) -> int:
     return 0
 
 
-def not_text(file: Path, offset: int, reason: str, data: bytes) -> ValueError:
-    """The error for a file that is not UTF-8 text, with what to do: `data` is what was read of it."""
-    if b"\0" in data:  # no text has NUL bytes: an image, an archive, a program...
-        return ValueError(f"{file} is not text (it holds NUL bytes, as images, archives and programs do): leave it "
-                          "out, e.g. data.glob='**/*.txt' to read only the .txt files of a folder.")
+def not_text(file: Path, offset: int, reason: str, data: bytes, in_folder: bool = True) -> ValueError:
+    """The error for a file that is not UTF-8 text, with what to do: `data` is what was read of it; `in_folder`:
+    the file is one of a folder's (data=text), which data.glob can leave out, else the data.path itself."""
+    converted = file.with_name(f"{file.stem}.utf8.txt")
+    instead = ("and leave the original out with data.glob" if in_folder else f"and pass data.path={converted}")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what Windows' Notepad calls "Unicode"
+        return ValueError(f"{file} is UTF-16 text, not UTF-8: convert it into a new file, e.g. `iconv -f utf-16 -t "
+                          f"utf-8 {file} > {converted}`, {instead}.")
+    if b"\0" in data:  # no UTF-8 text has NUL bytes: an image, an archive, a program (or UTF-16 without its mark)
+        leave_out = ("leave it out, e.g. data.glob='**/*.txt' reads only a folder's .txt files" if in_folder
+                     else "give a text file as data.path")
+        return ValueError(f"{file} is not UTF-8 text: it holds NUL bytes, as images, archives, programs and UTF-16 "
+                          f"text do. If it is UTF-16 text, convert it (`iconv -f utf-16 -t utf-8 {file} > "
+                          f"{converted}`); else {leave_out}.")
     return ValueError(
         f"{file} is not UTF-8 text: byte {offset} ({reason}). If it is text in another encoding, convert it into a "
-        f"new file and train on that, keeping the original: e.g. `iconv -f latin1 -t utf-8 {file.name} > "
-        f"{Path(file.name).stem}.utf8.txt` (`file {file.name}` guesses its encoding; latin1 is one, cp1252 and "
-        "utf-16 are others); leave the original out with data.glob."
+        f"new file, keeping the original: e.g. `iconv -f latin1 -t utf-8 {file} > {converted}` (`file {file}` "
+        f"guesses its encoding; latin1 is one, cp1252 another), {instead}."
     )
 
 
@@ -101,7 +109,7 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
         decoder = codecs.getincrementaldecoder("utf-8")()
         carry, offset, started = "", 0, False
         with file.open("rb") as f:
-            while True:  # never past limit_bytes (a BPE trained on the training text must not read validation text)
+            while True:  # never past limit_bytes: a BPE trains on the first train_fraction of the bytes, no further
                 data = f.read(chunk_bytes if limit_bytes is None else min(chunk_bytes, limit_bytes - read))
                 pending = len(decoder.getstate()[0])  # bytes of a character the previous read cut in two
                 try:
@@ -110,6 +118,8 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
                     raise not_text(file, offset - pending + err.start, err.reason, data) from None
                 if not started and text:  # a byte-order mark, which some editors write first: not text
                     text, started = text.removeprefix("\ufeff"), True
+                if "\0" in text:  # valid UTF-8, but no text: UTF-16 without its mark, or a binary file
+                    raise not_text(file, offset, "", data)
                 offset += len(data)
                 read += len(data)
                 if progress is not None:
@@ -237,7 +247,8 @@ def make_cache_folder(folder: Path) -> None:
     except OSError as err:
         raise ValueError(
             f"The cache folder {folder} cannot be written ({err.strerror or err}): data.cache_dir (or the "
-            "MINIGPT_CACHE_DIR variable) must name a folder this user can write, e.g. data.cache_dir=~/.cache/minigpt"
+            "MINIGPT_CACHE_DIR variable) must name a folder this user can write, e.g. "
+            "data.cache_dir=$HOME/.cache/minigpt"
         ) from None
 
 

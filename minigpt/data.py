@@ -3,6 +3,7 @@ or a corpus of any size read from a memory-mapped token file (minigpt/corpus.py)
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import urllib.error
@@ -49,7 +50,7 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
         file = Path(path).expanduser()
         if file.is_dir():
             raise FileNotFoundError(f"data.path={path} is a folder: data=text reads a folder's files (data.glob picks "
-                                    f"them, *.txt by default): python train.py data=text data.path={path}")
+                                    f"them, **/*.txt by default): python train.py data=text data.path={path}")
         if not file.is_file():
             raise FileNotFoundError(f"data.path={path} does not exist or is not a file. Give the path of a UTF-8 text file.")
         return file
@@ -78,11 +79,13 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
 
 def read_text(file: Path) -> str:
     data = file.read_bytes()
+    if b"\0" in data or data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise not_text(file, 0, "", data, in_folder=False)
     try:
         # as open() in text mode reads it, and without a byte-order mark: as data=text reads a corpus
         return data.decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as err:
-        raise not_text(file, err.start, err.reason, data) from None
+        raise not_text(file, err.start, err.reason, data, in_folder=False) from None
 
 
 def windows(tokens: torch.Tensor | TokenFile, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +147,7 @@ def check_settings(block_size: int, batch_size: int, train_fraction: float, val_
 def check_cache_dir(cache_dir: str) -> None:
     if not cache_dir:  # a MINIGPT_CACHE_DIR that is set to nothing would put the cache in the working directory
         raise ValueError("data.cache_dir is empty (is the MINIGPT_CACHE_DIR variable set to nothing?): name the folder "
-                         "for downloads and token files, e.g. data.cache_dir=~/.cache/minigpt, or unset "
+                         "for downloads and token files, e.g. data.cache_dir=$HOME/.cache/minigpt, or unset "
                          "MINIGPT_CACHE_DIR")
 
 

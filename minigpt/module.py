@@ -52,7 +52,6 @@ def count_cpu_attention_flops() -> None:
             flop_counter.sdpa_backward_flop_count(grad_out, query, key, value))
 
 
-
 def split_linear_weights(model: nn.Module, within: nn.Module | None = None) -> tuple[list, list]:
     """The weights of the linear layers in `within` (all of `model` by default), and every other parameter."""
     weights = [m.weight for m in (within or model).modules() if isinstance(m, nn.Linear)]

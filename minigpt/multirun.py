@@ -20,6 +20,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -112,11 +114,14 @@ def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
         process = subprocess.Popen(job_command(job, script), cwd=job.runtime.cwd, start_new_session=True,
                                    env={**os.environ, METRICS_FILE: str(result)})
         try:
-            status = process.wait()
-        except KeyboardInterrupt:  # Ctrl-C, or SIGINT to this process alone: the job gets it and time to stop
+            with stops_as_interrupts():  # a job out of reach of its terminal must hear of everything that ends us
+                status = process.wait()
+        except KeyboardInterrupt:  # Ctrl-C, SIGINT, SIGTERM or SIGHUP: the job gets SIGINT and time to stop
             stop_after_interrupt(process)
             raise SystemExit(f"Interrupted: the sweep stopped in the job of {job.runtime.output_dir}, whose last "
                              "lines say where it can resume from") from None
+        finally:  # whatever ended it: none of its processes outlives the job (a rank stuck in a collective)
+            signal_group(process, SIGKILL)
         metrics = json.loads(result.read_text()) if result.is_file() else {}
     if status != 0 and metrics.get("diverged"):  # it printed its error; in a sweep a divergence is a result
         print("error: this job diverged (its error is above). In this sweep the job scores inf.", file=sys.stderr)
@@ -127,6 +132,31 @@ def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
     return sweep_score(metrics["val/loss_best"])
 
 
+SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stops_as_interrupts() -> Iterator[None]:
+    """SIGTERM (as `timeout`, `kill` and schedulers send) and SIGHUP (a closed terminal) raise KeyboardInterrupt
+    here, as Ctrl-C does; their own handlers come back after."""
+    signals = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for s in signals:
+        signal.signal(s, interrupt)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def stop_after_interrupt(process: subprocess.Popen, grace: float = 60.0) -> None:
     """Interrupt a job's process group as Ctrl-C would and wait for it to shut down, as Lightning does (it logs where
     the run can resume from); kill the group after `grace` seconds or at a second Ctrl-C. (subprocess.run kills the
@@ -134,18 +164,21 @@ def stop_after_interrupt(process: subprocess.Popen, grace: float = 60.0) -> None
     log.warning("Interrupted: waiting for the job to stop (Ctrl-C again kills it)")
     signal_group(process, signal.SIGINT)
     try:
-        process.wait(timeout=grace)
+        with stops_as_interrupts():
+            process.wait(timeout=grace)
     except (KeyboardInterrupt, subprocess.TimeoutExpired):
-        signal_group(process, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+        signal_group(process, SIGKILL)
         process.wait()
 
 
 def signal_group(process: subprocess.Popen, sig: int) -> None:
-    """Send `sig` to the process group `process` leads (POSIX); elsewhere (Windows: not checked) end the process."""
+    """Send `sig` to the process group `process` leads. Without process groups (Windows: not checked) the job
+    shares the console, which gives it Ctrl-C itself: only a kill is sent, to the job's process."""
     if not hasattr(os, "killpg"):
-        process.kill()
+        if sig == SIGKILL and process.poll() is None:
+            process.kill()
         return
-    with contextlib.suppress(ProcessLookupError):  # it ended already
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # it ended already (and its id may be reused)
         os.killpg(process.pid, sig)
 
 

@@ -170,18 +170,25 @@ def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file
         raise ValueError(f"ckpt_path={ckpt_file} is not a minigpt checkpoint: it has no vocabulary or model sizes.")
     if "bpe" in saved or "bpe" in module.hparams:
         if saved.get("bpe") != module.hparams.get("bpe"):
-            then, now = ("a byte-level BPE" if "bpe" in hparams else "characters" for hparams in (saved, module.hparams))
-            raise ValueError(
-                f"ckpt_path={ckpt_file} was trained with another tokenizer ({then}) than this run's data gives "
-                f"({now}). Resume with the data and data.tokenizer it was trained with, or start a "
-                "new run without ckpt_path."
-            )
+            if "bpe" in saved and "bpe" in module.hparams:  # both BPEs: their merges differ
+                why = ("trained with a byte-level BPE whose merges differ from those this run's data gives: the text "
+                       "changed, or it was tokenized by minigpt before 2026-11-27, whose BPE also read the validation "
+                       "text of a corpus under 4 MiB (and such a run cannot be resumed now; sample.py reads it). "
+                       "Resume with the text it was trained on")
+            else:
+                then, now = ("a byte-level BPE" if "bpe" in hparams else "characters"
+                             for hparams in (saved, module.hparams))
+                why = (f"trained with another tokenizer ({then}) than this run's data gives ({now}). Resume with "
+                       "the data and data.tokenizer it was trained with")
+            raise ValueError(f"ckpt_path={ckpt_file} was {why}, or start a new run without ckpt_path.")
     elif saved["vocab"] != (vocab := module.hparams.vocab):
         only_saved, only_here = ("".join(sorted(set(a) - set(b))) for a, b in ((saved["vocab"], vocab), (vocab, saved["vocab"])))
         raise ValueError(
             f"ckpt_path={ckpt_file} was trained on a vocabulary of {len(saved['vocab'])} characters, but this run's "
             f"text has {len(vocab)} (only in the checkpoint: {only_saved!r}; only in the text: {only_here!r}). "
             "Resume with the data it was trained on (data.path=...), or start a new run without ckpt_path."
+            + (" Since 2026-11-27 minigpt reads Windows' line endings (\\r\\n) as newlines, so a run trained on such "
+               "a text before cannot be resumed (sample.py reads it)." if only_saved == "\r" else "")
         )
     differences = [f"model.{key}={saved['model'].get(key)} in the checkpoint, {value} here"
                    for key, value in module.hparams.model.items() if saved["model"].get(key) != value]

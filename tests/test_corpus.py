@@ -158,7 +158,8 @@ def test_cutting_a_text_into_chunks_changes_no_bpe_token(tmp_path):
 def test_line_endings_and_a_byte_order_mark_read_as_python_reads_text_wherever_the_reads_are_cut(tmp_path):
     rng = random.Random(0)
     for _ in range(200):
-        text = "".join(rng.choice(["a", "é", "日", " ", "\n", "\r", "\r\n", "x\r\ny"]) for _ in range(rng.randint(0, 30)))
+        pieces = ["a", "é", "日", " ", "\n", "\r", "\r\n", "x\r\ny"]
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
         mark = rng.choice([b"", b"\xef\xbb\xbf"])
         (tmp_path / "t.txt").write_bytes(mark + text.encode())
         as_python_reads_it = (tmp_path / "t.txt").read_text(encoding="utf-8-sig")  # universal newlines
@@ -178,11 +179,12 @@ def test_both_data_modules_read_a_windows_text_file_alike(tmp_path):
 
 @pytest.mark.parametrize("limit", [1, 49, 50, 51, 333])
 def test_a_limited_read_stops_at_the_limit_and_never_in_the_text_after_it(tmp_path, limit):
-    text = make_text(40)
-    (tmp_path / "a.txt").write_text(text[:200], encoding="utf-8")
-    (tmp_path / "b.txt").write_text(text[200:], encoding="utf-8")  # the limit falls in the second file too
+    text = make_text(40).replace("e", "é").replace("\n", "\r\n")  # two-byte characters, Windows' line endings
+    (tmp_path / "a.txt").write_text(text[:200], encoding="utf-8", newline="")
+    (tmp_path / "b.txt").write_text(text[200:], encoding="utf-8", newline="")  # the limit falls in the second too
     read = "".join(read_chunks([tmp_path / "a.txt", tmp_path / "b.txt"], chunk_bytes=50, limit_bytes=limit))
-    assert read == text.encode()[:limit].decode("utf-8", errors="ignore")  # a character cut in two is left out
+    head = text.encode()[:limit].decode("utf-8", errors="ignore")  # a character cut in two is left out
+    assert read == head.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def test_windows_from_the_token_file_are_those_of_the_tokens_in_memory(folder, tmp_path):
@@ -227,14 +229,19 @@ def test_the_data_module_never_holds_the_corpus_in_memory(folder, tmp_path):
     assert next(stream)[0].shape == (4, 16)
 
 
-def test_a_cache_that_cannot_be_written_or_is_empty_is_named_not_taken_for_a_failed_download(tmp_path, text_file):
+def test_a_cache_that_cannot_be_written_or_is_empty_is_named_not_taken_for_a_failed_download(tmp_path, text_file,
+                                                                                              monkeypatch):
     (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(ValueError, match=r"cache folder .*a_file/corpora/.* cannot be written .*data.cache_dir \(or the "
-                                         r"MINIGPT_CACHE_DIR variable\) must name a folder this user can write"):
+    with pytest.raises(ValueError, match=r"cache folder .*a_file/corpora/.* cannot be written .*data.cache_dir "
+                                         r"\(or the MINIGPT_CACHE_DIR variable\) must name a folder this user can "
+                                         r"write"):
         CorpusDataModule(path=str(text_file), cache_dir=str(tmp_path / "a_file"), block_size=16).setup()
     tinyshakespeare = TextDataModule(cache_dir=str(tmp_path / "a_file"), url="http://127.0.0.1:9/input.txt")
     with pytest.raises(ValueError, match=r"cache folder .*a_file/tinyshakespeare cannot be written"):
         tinyshakespeare.prepare_data()  # not "could not be downloaded ... copy it to <a path inside a file>"
+    monkeypatch.setattr(corpus.os, "access", lambda path, mode: False)  # a folder this user may not write
+    with pytest.raises(ValueError, match=r"cache folder .*cache/corpora/.* cannot be written \(Permission denied"):
+        CorpusDataModule(path=str(text_file), cache_dir=str(tmp_path / "cache"), block_size=16).setup()
     for module in (CorpusDataModule, TextDataModule):  # MINIGPT_CACHE_DIR= (set, but to nothing)
         with pytest.raises(ValueError, match=r"data.cache_dir is empty \(is the MINIGPT_CACHE_DIR variable set to"):
             module(path=str(text_file), cache_dir="")
@@ -244,10 +251,15 @@ def test_a_cache_that_cannot_be_written_or_is_empty_is_named_not_taken_for_a_fai
     (lambda root: root / "missing", "does not exist"),
     (lambda root: root, "no file matching"),  # an empty folder
     (lambda root: (root / "short.txt").write_text("abc" * 5) and root, "15 tokens: too short for block_size=16"),
-    (lambda root: (root / "x.txt").write_bytes(b"fine text\n" * 3 + b"\xff oops") and root,
-     r"x.txt is not UTF-8 text: byte 30\b.* keeping the original: .* > x.utf8.txt`"),  # never overwrite it
+    (lambda root: (root / "x.txt").write_bytes(b"fine text\n" * 3 + b"\xff oops") and root,  # never overwrite it
+     r"x.txt is not UTF-8 text: byte 30\b.* keeping the original: e.g. `iconv -f latin1 -t utf-8 \S*corpus/x.txt > "
+     r"\S*corpus/x.utf8.txt` .* leave the original out with data.glob"),
     (lambda root: (root / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR") and root / "a.png",
-     r"a.png is not text \(it holds NUL bytes.*data.glob='\*\*/\*.txt'"),
+     r"a.png is not UTF-8 text: it holds NUL bytes, as images.*data.glob='\*\*/\*.txt'"),
+    (lambda root: (root / "u.txt").write_bytes("Notepad's Unicode\n".encode("utf-16")) and root,
+     r"u.txt is UTF-16 text, not UTF-8: .*iconv -f utf-16 -t utf-8"),
+    (lambda root: (root / "u.txt").write_bytes("no mark\n".encode("utf-16-le")) and root,  # valid UTF-8, with NULs
+     r"u.txt is not UTF-8 text: it holds NUL bytes"),
 ])
 def test_bad_sources_get_clear_errors(tmp_path, make, message):
     root = tmp_path / "corpus"

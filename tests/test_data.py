@@ -142,7 +142,8 @@ def test_windows_line_endings_are_read_as_newlines(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [(b"", "too short"), (b"abc" * 10, "too short"), (b"\xff\xfe bad bytes" * 100, "not UTF-8"),
-     (b"\x1f\x8b\x08\0\0\0" * 100, "not text \\(it holds NUL bytes")],  # a .gz
+     (b"\x1f\x8b\x08\0\0\0" * 100, "it holds NUL bytes.*give a text file as data.path"),  # a .gz
+     (b"\xff oops" * 10, r"keeping the original: .* > \S*corpus.utf8.txt` .*, and pass data.path=\S*corpus.utf8.txt")],
 )
 def test_bad_text_files_get_clear_errors(tmp_path, content, message):
     path = tmp_path / "corpus.txt"

@@ -369,6 +369,17 @@ def test_a_resume_on_other_numbers_of_devices_or_accumulated_batches_is_warned_a
             "x 8 windows now, x 1 then") in caplog.text
 
 
+def test_a_run_on_windows_line_endings_from_before_they_read_as_newlines_is_told_why_it_cannot_resume():
+    from minigpt import resume
+
+    sizes = dict(n_layer=1, n_head=1, n_embd=8, block_size=8)
+    now = MiniGPTModule(vocab="\n ab", model=sizes)
+    checkpoint = {"hyper_parameters": {"vocab": "\n\r ab", "model": sizes, "optimizer": dict(now.hparams.optimizer)}}
+    with pytest.raises(ValueError, match=r"only in the checkpoint: '\\r'.* reads Windows' line endings \(\\r\\n\) as "
+                                         r"newlines"):
+        resume.check_resumable(checkpoint, now, Path("old.ckpt"))
+
+
 def test_a_text_edited_in_place_since_the_checkpoint_is_warned_about(trained_run, text_file, tmp_path, caplog):
     from minigpt import resume
     from minigpt.data import TextDataModule
@@ -390,6 +401,22 @@ def test_a_text_edited_in_place_since_the_checkpoint_is_warned_about(trained_run
         resume.warn_of_changed_text({}, edited)  # a checkpoint from before the record: nothing to compare
     assert len(caplog.records) == 1 and "The text changed since the checkpoint was saved" in caplog.text
     assert "other tokens): this run trains on the new text" in caplog.text  # the same lengths, other tokens
+
+
+def test_train_py_warns_of_a_text_edited_in_place_since_its_checkpoint(cfg_tiny, text_file, tmp_path, caplog):
+    corpus_file = tmp_path / "corpus.txt"
+    text = text_file.read_text(encoding="utf-8")
+    corpus_file.write_text(text, encoding="utf-8")
+    with open_dict(cfg_tiny):
+        cfg_tiny.data.path, cfg_tiny.trainer.max_steps, cfg_tiny.trainer.val_check_interval = str(corpus_file), 4, 4
+        cfg_tiny.run_dir = str(tmp_path / "run")
+    train.train(cfg_tiny)
+    corpus_file.write_text(text[len(text) // 2:] + text[: len(text) // 2], encoding="utf-8")  # edited in place
+    with open_dict(cfg_tiny):
+        cfg_tiny.ckpt_path, cfg_tiny.trainer.max_steps = str(tmp_path / "run"), 5
+    with caplog.at_level(logging.WARNING):
+        train.train(cfg_tiny)
+    assert "The text changed since the checkpoint was saved" in caplog.text
 
 
 def test_a_resume_with_a_longer_schedule_trains_its_first_step_at_the_new_schedules_rate(trained_run, cfg_tiny,

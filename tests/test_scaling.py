@@ -89,7 +89,12 @@ def test_a_multirun_job_becomes_a_single_run_with_the_jobs_overrides_in_the_jobs
 # A sweep whose job runs in a process of its own, as run_job_in_new_process runs a DDP job; the job takes a moment
 # to shut down after Ctrl-C and says where it can resume from, as Lightning and train.py do.
 CTRL_C_JOB = """
-import signal, sys, time
+import signal, subprocess, sys, time
+# a rank that does not stop when told (stuck in a collective): it must not outlive the job
+rank = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                         "time.sleep(60)"])
+folder = next(a for a in sys.argv if a.startswith("hydra.run.dir=")).split("=", 1)[1]
+open(folder + ".rank", "w").write(str(rank.pid))
 def stop(*_):
     time.sleep(1.0)
     print("job: interrupted at step 7; resume with ckpt_path=...", flush=True)
@@ -109,10 +114,13 @@ multirun.run_job_in_new_process(job, Path(sys.argv[1]))
 """
 
 
-@pytest.mark.parametrize("to", ["group", "sweep"])  # a terminal's Ctrl-C; kill -INT <sweep>, an IDE's stop button
-def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resume(tmp_path, to):
+# Ctrl-C (the job, in a session of its own, is out of the terminal's reach), kill -INT or an IDE's stop button;
+# timeout and kill send SIGTERM
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resume(tmp_path, sig):
     import os
     import signal
+    import time
 
     (tmp_path / "job.py").write_text(CTRL_C_JOB)
     sweep = subprocess.Popen([sys.executable, "-c", CTRL_C_SWEEP, str(tmp_path / "job.py"), str(tmp_path / "0_job")],
@@ -122,11 +130,18 @@ def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resu
     while "job: started" not in started[-1]:  # the sweep's own log lines come first
         assert started[-1], "the job did not start: " + "".join(started)
         started.append(sweep.stdout.readline())
-    (os.killpg if to == "group" else os.kill)(sweep.pid, signal.SIGINT)
+    os.killpg(sweep.pid, getattr(signal, sig))  # the sweep's process group: the job is not in it
     out = "".join(started) + sweep.communicate(timeout=60)[0]
     assert "job: interrupted at step 7; resume with ckpt_path=..." in out  # not killed before it could say so
     assert f"Interrupted: the sweep stopped in the job of {tmp_path / '0_job'}" in out
     assert "Traceback" not in out and sweep.returncode == 1
+    rank = int((tmp_path / "0_job.rank").read_text())
+    for _ in range(50):  # killed with the job's process group, then reaped by init
+        if not Path(f"/proc/{rank}").exists() or "State:\tZ" in Path(f"/proc/{rank}/status").read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the job's process {rank} outlived it")
 
 
 def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them():
