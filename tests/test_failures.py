@@ -57,7 +57,7 @@ CASES = {  # name: (overrides, what the message must say)
     "checksum": (None, "has sha256 .* expected .* Delete it to download it again"),
     "empty": (None, "has 0 characters: too short for block_size=16"),
     "short": (None, "has 30 characters: too short for block_size=16"),
-    "latin1": (None, "is not UTF-8 text .*iconv -f latin1"),
+    "latin1": (None, r"is not UTF-8 text: byte \d+ .*iconv -f latin1 .*, and pass data.path="),
     "other_vocab": (None, "was trained on a vocabulary of .* Resume with the data it was trained on"),
     "other_data": (["data.train_fraction=0.8"], r"trained on other data: data.train_fraction=0.9 in the checkpoint, 0.8"),
     "n_embd": (["model.n_head=3"], r"n_embd \(32\) must be divisible by n_head \(3\)"),
