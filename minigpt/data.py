@@ -182,7 +182,7 @@ class WindowsDataModule(L.LightningDataModule):
         splits and a hash of the validation split's first million tokens (a text edited in place, with the same
         characters, passes every check of the settings)."""
         if self._text_record is None:  # once: the text does not change under a run (a token file is read as it was)
-            head = self.val_tokens[: 2**20].long().numpy().tobytes()
+            head = self.val_tokens[: 2**20].long().cpu().numpy().tobytes()
             self._text_record = {"train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
                                  "val_head_sha256": hashlib.sha256(head).hexdigest()}
         return self._text_record
