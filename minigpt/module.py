@@ -174,8 +174,6 @@ class MiniGPTModule(L.LightningModule):
         self._train_loss_sum: torch.Tensor | None = None  # over the optimizer steps since the last validation
         self._train_loss_count = 0
         self._train_loss_since: int | None = None  # a resumed step the mean starts at, where it cannot go further back
-        self._train_loss_said = ""  # the mean as the console line at the end of a validation gives it
-        self._restored_train_loss: dict[str, Any] | None = None  # from a checkpoint, applied when training starts
         self._restored_best: float | None = None  # from a checkpoint, applied when training starts
         self._rng_states: dict[str, torch.Tensor] | None = None  # from a checkpoint, applied when training starts
 
@@ -245,14 +243,8 @@ class MiniGPTModule(L.LightningModule):
             train_loss = self._train_loss_sum / count if count else torch.tensor(float("nan"), device=self.device)
             train_loss = self.trainer.strategy.reduce(train_loss, reduce_op="mean")  # over every rank's batches
             since, self._train_loss_since = self._train_loss_since, None
-            self._train_loss_said = (f"train/loss {train_loss:.4f} ("
-                                     + ("mean since last validation" if since is None else
-                                        f"mean since the resume at step {since}") + ")")
-
-    def on_validation_end(self) -> None:
-        if not self.trainer.sanity_checking:  # val/loss is among the callback metrics by now
-            rank_zero_info(f"step {self.global_step}: {self._train_loss_said}, "
-                           f"val/loss {self.trainer.callback_metrics['val/loss']:.4f}")
+            over = "mean since last validation" if since is None else f"mean since the resume at step {since}"
+            rank_zero_info(f"step {self.global_step}: train/loss {train_loss:.4f} ({over}), val/loss {loss:.4f}")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which unscales fp16 gradients
@@ -282,8 +274,13 @@ class MiniGPTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
-        self._restored_train_loss = {**checkpoint.get("train_loss_since_validation", {}),
-                                     "step": checkpoint["global_step"]}
+        saved = checkpoint.get("train_loss_since_validation") or {}  # (missing in checkpoints from before it was)
+        if saved.get("count"):  # checkpointed between two validations
+            if saved["sum"] is None:  # a DDP run's: the mean starts again here, and the console says so
+                self._train_loss_since = checkpoint["global_step"]
+            else:  # a 0-dim tensor on the CPU adds to a loss on any device
+                self._train_loss_sum = torch.tensor(saved["sum"])
+                self._train_loss_count = saved["count"]
         # (a checkpoint written before the module kept its best: the checkpoint callback's record, if any)
         best = checkpoint.get("val_loss_best", monitoring_state(checkpoint).get("best_model_score"))
         self._restored_best = None if best is None else float(best)
@@ -295,13 +292,6 @@ class MiniGPTModule(L.LightningModule):
             torch.set_rng_state(states["torch"])
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state(states["cuda"])
-        restored, self._restored_train_loss = self._restored_train_loss, None
-        if restored and restored.get("count"):  # checkpointed between two validations
-            if restored["sum"] is None:  # a DDP run's: the mean starts again here, and the console says so
-                self._train_loss_since = restored["step"]
-            else:
-                self._train_loss_sum = torch.tensor(restored["sum"], device=self.device)
-                self._train_loss_count = restored["count"]
         best, self._restored_best = self._restored_best, None
         if best is not None and math.isfinite(best):  # the metric's state is on the training device by now
             self.val_loss_best.update(torch.tensor(best, device=self.device))

@@ -83,10 +83,10 @@ def best(series: Series | None) -> tuple[float, int]:
 
 def write_loss_curve(scalars: dict[str, Series], path: str | Path, title: str) -> Path:
     empty = Series([], [], [])
-    train, val, lr = scalars.get("train/loss", empty), scalars.get("val/loss", empty), learning_rate(scalars)
+    train, val = scalars.get("train/loss", empty), scalars.get("val/loss", empty)
+    lr, lr_label = learning_rate(scalars) or (None, "learning rate")
     figure = plots.loss_curve((train.steps, train.values), (val.steps, val.values),
-                              (lr[0].steps, lr[0].values) if lr else None, title,
-                              lr[1] if lr else "learning rate")
+                              (lr.steps, lr.values) if lr else None, title, lr_label)
     return plots.save(figure, path)
 
 
