@@ -8,8 +8,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from minigpt.checks import is_number, is_whole
 from minigpt.checkpoint import checkpoint_path, find_checkpoint, read_model
+from minigpt.checks import is_number, is_whole
 from minigpt.tokenizer import unescape
 
 # Logits divided by less can overflow to inf (the logits' scale is ~10; float32 ends at ~3e38), and sampling fails.
@@ -21,16 +21,22 @@ def sample(cfg: DictConfig) -> list[str]:
     ckpt_path = checkpoint_path(cfg, "python sample.py")
     for name in ("max_new_tokens", "num_samples") + (("top_k",) if cfg.top_k is not None else ()):
         if not is_whole(cfg[name]) or cfg[name] <= 0:
-            raise ValueError(f"{name} must be a positive whole number, got {cfg[name]!r}"
-                             + (" (or null: sample among all tokens)" if name == "top_k" else ""))
+            raise ValueError(
+                f"{name} must be a positive whole number, got {cfg[name]!r}"
+                + (" (or null: sample among all tokens)" if name == "top_k" else "")
+            )
     if not (is_number(cfg.temperature) and cfg.temperature >= MIN_TEMPERATURE):
-        raise ValueError(f"temperature must be a number of at least {MIN_TEMPERATURE:g}, got {cfg.temperature!r} (use a "
-                         "small value, e.g. 0.1, for near-greedy sampling)")
+        raise ValueError(
+            f"temperature must be a number of at least {MIN_TEMPERATURE:g}, got {cfg.temperature!r} (use a "
+            "small value, e.g. 0.1, for near-greedy sampling)"
+        )
     if not is_whole(cfg.seed):
         raise ValueError(f"seed must be a whole number, got {cfg.seed!r}")
     if cfg.prompt is not None and not isinstance(cfg.prompt, str):
-        raise ValueError(f"prompt must be text, but the command line gave the {type(cfg.prompt).__name__} "
-                         f"{cfg.prompt!r}: quote it, e.g. 'prompt=\"{cfg.prompt}\"'")
+        raise ValueError(
+            f"prompt must be text, but the command line gave the {type(cfg.prompt).__name__} "
+            f"{cfg.prompt!r}: quote it, e.g. 'prompt=\"{cfg.prompt}\"'"
+        )
     prompt_text = unescape(cfg.prompt or "")
     if not prompt_text:
         raise ValueError("prompt must not be empty: give at least one character, e.g. 'prompt=\\n' (a newline)")
@@ -55,12 +61,16 @@ def pick_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device={name!r} is not a device PyTorch knows: give cpu, cuda, cuda:<index> or mps, or null "
-                         "for a GPU when there is one") from None
+        raise ValueError(
+            f"device={name!r} is not a device PyTorch knows: give cpu, cuda, cuda:<index> or mps, or null "
+            "for a GPU when there is one"
+        ) from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, True):
-        raise ValueError(f"device={name} is not available here (PyTorch sees no {device.type.upper()} device): give "
-                         "device=cpu, or null for the best device there is")
+        raise ValueError(
+            f"device={name} is not available here (PyTorch sees no {device.type.upper()} device): give "
+            "device=cpu, or null for the best device there is"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     return device

@@ -29,16 +29,32 @@ from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.callbacks.run_summary import global_batch
 from minigpt.callbacks.startup import StartupTimes
 from minigpt.callbacks.step_checkpoint import last_saved_step
-from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.checkpoint_io import AtomicCheckpointIO
+from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.corpus import TokenFileChanged
 from minigpt.data import WindowsDataModule
 from minigpt.model import CAN_RUN_EAGERLY, check_compile, compile_model
 from minigpt.module import OPTIMIZERS, MiniGPTModule
-from minigpt.multirun import (JobFailed, JobProcessFailed, SweepDivergenceMarker, check_plugins, report_to_job,
-                              restarts_script, run_job_in_new_process, runs_for_a_job, sweep_score)
-from minigpt.resume import (check_resumable, check_same_data, keep_validation_windows, resume_point,
-                            warn_of_changed_global_batch, warn_of_changed_settings, warn_of_changed_text)
+from minigpt.multirun import (
+    JobFailed,
+    JobProcessFailed,
+    SweepDivergenceMarker,
+    check_plugins,
+    report_to_job,
+    restarts_script,
+    run_job_in_new_process,
+    runs_for_a_job,
+    sweep_score,
+)
+from minigpt.resume import (
+    check_resumable,
+    check_same_data,
+    keep_validation_windows,
+    resume_point,
+    warn_of_changed_global_batch,
+    warn_of_changed_settings,
+    warn_of_changed_text,
+)
 from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
@@ -80,9 +96,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not is_whole(cfg.seed):
         raise ValueError(f"seed must be a whole number, got {as_typed(cfg.seed)}")
     if is_whole(cfg.data.block_size) and is_whole(cfg.model.block_size) and cfg.data.block_size > cfg.model.block_size:
-        raise ValueError(f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="
-                         f"{cfg.model.block_size}: data.block_size follows model.block_size by default. Leave "
-                         f"data.block_size out, or (in a new run) set model.block_size={cfg.data.block_size} instead.")
+        raise ValueError(
+            f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="
+            f"{cfg.model.block_size}: data.block_size follows model.block_size by default. Leave "
+            f"data.block_size out, or (in a new run) set model.block_size={cfg.data.block_size} instead."
+        )
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
     if checkpoint is None:  # a resumed run has said where it writes
@@ -110,36 +128,54 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(SweepDivergenceMarker())
     trainer = make_trainer(cfg, callbacks + [startup], loggers)
     if cfg.scheduler.get("warmup_steps", 0) >= trainer.max_steps:
-        log.warning("scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate never reaches "
-                    "its peak", cfg.scheduler.warmup_steps, trainer.max_steps)
+        log.warning(
+            "scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate never reaches its peak",
+            cfg.scheduler.warmup_steps,
+            trainer.max_steps,
+        )
     if checkpoint is not None:
         warn_of_changed_global_batch(checkpoint, trainer)
     if checkpoint is not None and checkpoint["global_step"] >= trainer.max_steps:  # before anything is written
-        raise ValueError(f"ckpt_path={ckpt_file} is at step {checkpoint['global_step']}, and trainer.max_steps="
-                         f"{trainer.max_steps}: there is nothing left to train. Give a larger trainer.max_steps to "
-                         "train on (the learning-rate schedule then spans the new length), or sample from it with "
-                         "sample.py.")
+        raise ValueError(
+            f"ckpt_path={ckpt_file} is at step {checkpoint['global_step']}, and trainer.max_steps="
+            f"{trainer.max_steps}: there is nothing left to train. Give a larger trainer.max_steps to "
+            "train on (the learning-rate schedule then spans the new length), or sample from it with "
+            "sample.py."
+        )
     log_global_batch(cfg, trainer, loggers, module)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None,
-                    weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None, weights_only=True)
     except SystemExit:  # Lightning's answer to Ctrl-C: it shuts down and exits; say where the run can go on from
         if trainer.interrupted:
             saved = max(last_saved_step(trainer), checkpoint["global_step"] if checkpoint is not None else 0)
             if saved:
-                log.info("Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py "
-                         "%s (and the same settings)", trainer.global_step, saved, ckpt_path_arg(shown(cfg.run_dir)))
+                log.info(
+                    "Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py "
+                    "%s (and the same settings)",
+                    trainer.global_step,
+                    saved,
+                    ckpt_path_arg(shown(cfg.run_dir)),
+                )
             else:
-                log.info("Interrupted at step %d, before the run saved a checkpoint: there is nothing to resume. "
-                         "Start again in a new folder (or delete %s first)", trainer.global_step, shown(cfg.run_dir))
+                log.info(
+                    "Interrupted at step %d, before the run saved a checkpoint: there is nothing to resume. "
+                    "Start again in a new folder (or delete %s first)",
+                    trainer.global_step,
+                    shown(cfg.run_dir),
+                )
         raise
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics["val/loss_best"] = module.best_val_loss  # this fit's validations and those before its checkpoint
     metrics["step"] = trainer.global_step
     latest = f"val/loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "no validation in this process"
-    log.info("Finished at step %d: %s, best val/loss %.4f. Run folder: %s", trainer.global_step, latest,
-             metrics["val/loss_best"], shown(cfg.run_dir))
+    log.info(
+        "Finished at step %d: %s, best val/loss %.4f. Run folder: %s",
+        trainer.global_step,
+        latest,
+        metrics["val/loss_best"],
+        shown(cfg.run_dir),
+    )
     if trainer.checkpoint_callbacks:
         log.info("Generate text from it: python sample.py %s", ckpt_path_arg(shown(cfg.run_dir)))
     return metrics
@@ -164,8 +200,11 @@ def make_callbacks_and_loggers(cfg: DictConfig, resumed_step: int | None = None)
     """
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     purge = {"purge_step": resumed_step + 1} if resumed_step is not None else {}
-    loggers = [hydra.utils.instantiate(c, **(purge if c._target_.endswith(("TensorBoardLogger", "CSVLogger")) else {}))
-               for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [
+        hydra.utils.instantiate(c, **(purge if c._target_.endswith(("TensorBoardLogger", "CSVLogger")) else {}))
+        for c in (cfg.get("logger") or {}).values()
+        if c is not None
+    ]
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return callbacks, loggers
@@ -182,9 +221,17 @@ def log_global_batch(cfg: DictConfig, trainer: L.Trainer, loggers: list, module:
     """Say how many windows and tokens one optimizer step learns from, over every device and node, and record it
     with the module's settings."""
     batch = global_batch(trainer, cfg.data.batch_size, cfg.data.block_size)
-    log.info("Global batch: %d windows per device x %d accumulated x %d devices x %d nodes = %d windows of %d "
-             "tokens, %d tokens per optimizer step", cfg.data.batch_size, trainer.accumulate_grad_batches,
-             trainer.num_devices, trainer.num_nodes, batch["windows"], cfg.data.block_size, batch["tokens"])
+    log.info(
+        "Global batch: %d windows per device x %d accumulated x %d devices x %d nodes = %d windows of %d "
+        "tokens, %d tokens per optimizer step",
+        cfg.data.batch_size,
+        trainer.accumulate_grad_batches,
+        trainer.num_devices,
+        trainer.num_nodes,
+        batch["windows"],
+        cfg.data.block_size,
+        batch["tokens"],
+    )
     for logger in loggers:  # hparams.yaml and the HParams tab
         logger.log_hyperparams({**module.settings, "global_batch": batch})
 
@@ -195,8 +242,12 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         check_gpus(cfg.trainer)
     elif cfg.trainer.accelerator == "cpu":
         check_cpu_processes(cfg.trainer)
-    for key, unit in (("max_steps", "optimizer steps"), ("accumulate_grad_batches", "batches"),
-                      ("val_check_interval", "batches"), ("log_every_n_steps", "optimizer steps")):
+    for key, unit in (
+        ("max_steps", "optimizer steps"),
+        ("accumulate_grad_batches", "batches"),
+        ("val_check_interval", "batches"),
+        ("log_every_n_steps", "optimizer steps"),
+    ):
         value = cfg.trainer.get(key, None if key == "max_steps" else 1)  # a run of one endless epoch needs max_steps
         if not (is_whole(value) and value > 0):
             raise ValueError(f"trainer.{key} must be a positive whole number of {unit}, got {as_typed(value)}")
@@ -209,19 +260,30 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         )
     clip = cfg.trainer.get("gradient_clip_val")
     if clip is not None and not (is_number(clip) and clip >= 0):
-        raise ValueError(f"trainer.gradient_clip_val must be a norm >= 0 (0 or null: no clipping), got {clip!r}: "
-                         "a negative one turns the gradients around")
+        raise ValueError(
+            f"trainer.gradient_clip_val must be a norm >= 0 (0 or null: no clipping), got {clip!r}: "
+            "a negative one turns the gradients around"
+        )
     if every > cfg.trainer.max_steps * accumulate:
-        log.warning("trainer.val_check_interval=%d batches is beyond trainer.max_steps=%d: this run will never "
-                    "validate, so it reports no val/loss and keeps no best checkpoint", every, cfg.trainer.max_steps)
+        log.warning(
+            "trainer.val_check_interval=%d batches is beyond trainer.max_steps=%d: this run will never "
+            "validate, so it reports no val/loss and keeps no best checkpoint",
+            every,
+            cfg.trainer.max_steps,
+        )
     # Lightning adds a checkpoint callback and a progress bar (counting epochs) of its own unless told not to: a run
     # whose config drops them (callbacks=none, the speed runs, ~callbacks.progress_bar) has none.
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     progress_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     # Checkpoints are written atomically and read without unpickling code (see minigpt/checkpoint_io.py).
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                   plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing,
-                                   enable_progress_bar=progress_bar)
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=checkpointing,
+        enable_progress_bar=progress_bar,
+    )
 
 
 def check_torchrun_processes(trainer: DictConfig) -> None:
@@ -234,9 +296,11 @@ def check_torchrun_processes(trainer: DictConfig) -> None:
     devices, num_nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     # devices=-1 (every GPU) or auto: Lightning counts them and compares
     if num_nodes != nodes or (is_whole(devices) and devices > 0 and devices != per_node):
-        raise ValueError(f"torchrun started {per_node} processes per node on {nodes} node(s), which trainer.devices="
-                         f"{devices} trainer.num_nodes={num_nodes} do not match: give trainer.devices={per_node} "
-                         f"trainer.num_nodes={nodes} (torchrun's --nproc-per-node and --nnodes)")
+        raise ValueError(
+            f"torchrun started {per_node} processes per node on {nodes} node(s), which trainer.devices="
+            f"{devices} trainer.num_nodes={num_nodes} do not match: give trainer.devices={per_node} "
+            f"trainer.num_nodes={nodes} (torchrun's --nproc-per-node and --nnodes)"
+        )
 
 
 def check_cpu_processes(trainer: DictConfig) -> None:
@@ -245,13 +309,20 @@ def check_cpu_processes(trainer: DictConfig) -> None:
     if devices == "auto":
         return
     if not (is_whole(devices) and devices > 0):
-        raise ValueError(f"trainer.devices={as_typed(devices)}: on the CPU it is how many processes train (one, or "
-                         "with trainer=ddp_cpu several, 2 by default), a whole number of at least 1; -1 (every "
-                         "device) is for GPUs")
+        raise ValueError(
+            f"trainer.devices={as_typed(devices)}: on the CPU it is how many processes train (one, or "
+            "with trainer=ddp_cpu several, 2 by default), a whole number of at least 1; -1 (every "
+            "device) is for GPUs"
+        )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if devices > cores:
-        log.warning("trainer.devices=%d CPU processes on %d cores: they share them, each slower than one process "
-                    "alone would be (trainer.devices=%d or fewer)", devices, cores, cores)
+        log.warning(
+            "trainer.devices=%d CPU processes on %d cores: they share them, each slower than one process "
+            "alone would be (trainer.devices=%d or fewer)",
+            devices,
+            cores,
+            cores,
+        )
 
 
 def check_gpus(trainer: DictConfig) -> None:
@@ -297,13 +368,17 @@ def main(cfg: DictConfig) -> float:
         logging.getLogger(name).setLevel(logging.NOTSET)  # the root's level: INFO, or WARNING on ranks > 0
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN and cfg.ckpt_path:
-            raise ValueError(f"ckpt_path={cfg.ckpt_path} in a multirun: a resumed run goes on in its own folder, so "
-                             "every job would continue the same run and overwrite each other's checkpoints. Resume "
-                             "one run at a time: python train.py ckpt_path=<run folder>.")
+            raise ValueError(
+                f"ckpt_path={cfg.ckpt_path} in a multirun: a resumed run goes on in its own folder, so "
+                "every job would continue the same run and overwrite each other's checkpoints. Resume "
+                "one run at a time: python train.py ckpt_path=<run folder>."
+            )
         choice = HydraConfig.get().runtime.choices.get("optimizer")
         if choice in OPTIMIZERS and cfg.optimizer.name != choice:  # the signature check passes AdamW's own settings
-            raise ValueError(f"optimizer.name={cfg.optimizer.name} renames optimizer={choice} and keeps its settings "
-                             f"(lr {cfg.optimizer.lr}, ...): choose optimizer={cfg.optimizer.name}, which brings its own.")
+            raise ValueError(
+                f"optimizer.name={cfg.optimizer.name} renames optimizer={choice} and keeps its settings "
+                f"(lr {cfg.optimizer.lr}, ...): choose optimizer={cfg.optimizer.name}, which brings its own."
+            )
         if HydraConfig.get().mode == RunMode.MULTIRUN and restarts_script(planned_strategy(cfg)):
             return run_job_in_new_process(HydraConfig.get(), Path(__file__).resolve())
         metrics = train(cfg)

@@ -43,9 +43,16 @@ class LoopTimer(L.Callback):
 
 
 def run(steps: int, device: str, inside: bool) -> tuple[float, float]:
-    overrides = ["experiment=seed", f"trainer={device}", f"trainer.max_steps={steps}",
-                 f"trainer.val_check_interval={steps}", "trainer.enable_model_summary=false",
-                 "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.early_stopping"]
+    overrides = [
+        "experiment=seed",
+        f"trainer={device}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "trainer.enable_model_summary=false",
+        "+trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "~callbacks.early_stopping",
+    ]
     if not inside:
         overrides += [f"~callbacks.{name}" for name in INSIDE]
     overrides.append(f"+callbacks.loop_timer._target_={__name__}.LoopTimer")
@@ -69,13 +76,18 @@ def main() -> None:
     for pair in range(args.pairs):
         for inside in (pair % 2 == 0, pair % 2 == 1):  # alternate which goes first
             times[inside].append(run(args.steps, args.device, inside))
-            print(f"pair {pair}, callbacks {'on ' if inside else 'off'}: loop {times[inside][-1][0]:.2f} s, "
-                  f"fit {times[inside][-1][1]:.2f} s", flush=True)
+            print(
+                f"pair {pair}, callbacks {'on ' if inside else 'off'}: loop {times[inside][-1][0]:.2f} s, "
+                f"fit {times[inside][-1][1]:.2f} s",
+                flush=True,
+            )
     for i, what in enumerate(["training loop", "whole fit"]):
         on = statistics.median(t[i] for t in times[True])
         off = statistics.median(t[i] for t in times[False])
-        print(f"{what}: {off:.2f} s without, {on:.2f} s with the callbacks: {100 * (on / off - 1):+.1f}% "
-              f"(median of {args.pairs}, {args.steps} steps)")
+        print(
+            f"{what}: {off:.2f} s without, {on:.2f} s with the callbacks: {100 * (on / off - 1):+.1f}% "
+            f"(median of {args.pairs}, {args.steps} steps)"
+        )
 
 
 if __name__ == "__main__":

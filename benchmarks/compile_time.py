@@ -29,12 +29,27 @@ def start_up(overrides: list[str], cache_dir: str, timeout: float) -> dict[str, 
     """Seconds of each start-up phase of one run stopped after its first step, and `total`."""
     with tempfile.TemporaryDirectory() as run_dir:
         out = subprocess.run(
-            [sys.executable, "train.py", *overrides, "trainer.max_steps=1", "trainer.val_check_interval=1",
-             "data.val_batches=1", "trainer.num_sanity_val_steps=0", "logger=none",
-             f"hydra.run.dir={run_dir}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=cache_dir,
-                     TRITON_CACHE_DIR=os.path.join(cache_dir, "triton")),  # a GPU's kernels: cold means cold
+            [
+                sys.executable,
+                "train.py",
+                *overrides,
+                "trainer.max_steps=1",
+                "trainer.val_check_interval=1",
+                "data.val_batches=1",
+                "trainer.num_sanity_val_steps=0",
+                "logger=none",
+                f"hydra.run.dir={run_dir}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=dict(
+                os.environ,
+                PYTHONUNBUFFERED="1",
+                TORCHINDUCTOR_CACHE_DIR=cache_dir,
+                TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"),
+            ),  # a GPU's kernels: cold means cold
         )
     log = out.stdout + out.stderr
     phases = parse_startup(log)
@@ -52,20 +67,29 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for train.py")
     args = parser.parse_args()
 
-    rows = ["| compile | cold: first step | cold: launch to first step done | warm: first step | "
-            "warm: launch to first step done | data and model (warm) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| compile | cold: first step | cold: launch to first step done | warm: first step | "
+        "warm: launch to first step done | data and model (warm) |",
+        "|---|---|---|---|---|---|",
+    ]
     for choice in args.choices.split(","):
         with tempfile.TemporaryDirectory() as cache:
             cold = start_up([*args.overrides, f"compile={choice}"], cache, args.timeout)
             warm = start_up([*args.overrides, f"compile={choice}"], cache, args.timeout)
         print(f"compile={choice}: cold {cold}, warm {warm}", flush=True)
-        rows.append(f"| {choice} | {cold['first step']:.1f} s | {cold['total']:.1f} s | {warm['first step']:.1f} s | "
-                    f"{warm['total']:.1f} s | {warm['data and model']:.1f} s |")
+        rows.append(
+            f"| {choice} | {cold['first step']:.1f} s | {cold['total']:.1f} s | {warm['first step']:.1f} s | "
+            f"{warm['total']:.1f} s | {warm['data and model']:.1f} s |"
+        )
     table = "\n".join(rows)
-    append_results(args.results, f"Start-up with and without compilation: {' '.join(args.overrides) or 'the defaults'}",
-                   "python benchmarks/compile_time.py " + " ".join(sys.argv[1:]), machine_summary(args.device),
-                   table + "\n\nEach run stopped after its first optimizer step; phases from its Start-up log line. "
-                   "Cold: a new, empty compile cache; warm: the same cache again, right after.")
+    append_results(
+        args.results,
+        f"Start-up with and without compilation: {' '.join(args.overrides) or 'the defaults'}",
+        "python benchmarks/compile_time.py " + " ".join(sys.argv[1:]),
+        machine_summary(args.device),
+        table + "\n\nEach run stopped after its first optimizer step; phases from its Start-up log line. "
+        "Cold: a new, empty compile cache; warm: the same cache again, right after.",
+    )
     print(table)
 
 

@@ -96,8 +96,9 @@ class LongLivedMap:
     """One np.memmap kept for the whole run, indexed like TokenFile: the naive design, for comparison."""
 
     def __init__(self, tokens: TokenFile):
-        self.map = np.memmap(tokens.path, dtype=tokens.dtype, mode="r", offset=tokens.start * tokens.dtype.itemsize,
-                             shape=(len(tokens),))
+        self.map = np.memmap(
+            tokens.path, dtype=tokens.dtype, mode="r", offset=tokens.start * tokens.dtype.itemsize, shape=(len(tokens),)
+        )
         self.device = torch.device("cpu")
 
     def __len__(self) -> int:
@@ -118,16 +119,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4000, help="batches drawn per batch shape and variant")
     parser.add_argument("--every", type=int, default=200, help="batches between memory samples (a timing block)")
     parser.add_argument("--source", default=str(Path("~/.cache/minigpt/tinyshakespeare/input.txt").expanduser()))
-    parser.add_argument("--bpe-mb", type=int, default=0,
-                        help="also tokenize this many MiB of the corpus with data.tokenizer=bpe (vocab_size 4096)")
+    parser.add_argument(
+        "--bpe-mb",
+        type=int,
+        default=0,
+        help="also tokenize this many MiB of the corpus with data.tokenizer=bpe (vocab_size 4096)",
+    )
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the corpus and token file are written")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
 
     free = shutil.disk_usage(args.tmp).free
     if free < 3 * args.tokens:  # the text, its tokens, and room to spare
-        raise SystemExit(f"error: {args.tmp} has {mb(free)} free; the benchmark needs about {mb(3 * args.tokens)}. "
-                         "Pass --tmp on a larger disk, or fewer --tokens.")
+        raise SystemExit(
+            f"error: {args.tmp} has {mb(free)} free; the benchmark needs about {mb(3 * args.tokens)}. "
+            "Pass --tmp on a larger disk, or fewer --tokens."
+        )
     work = Path(tempfile.mkdtemp(prefix="minigpt-corpus-", dir=args.tmp))
     try:
         (work / "corpus").mkdir()
@@ -151,52 +158,68 @@ def main() -> None:
             bpe = tokenize_corpus(str(work / "bpe"), work / "cache", tokenizer="bpe", vocab_size=4096)
             seconds = time.perf_counter() - begin
             size = (work / "bpe" / "part.txt").stat().st_size
-            bpe_line = (f"\n\nBPE (data.tokenizer=bpe, vocab_size 4096, trained on the first 90%) on the first "
-                        f"{mb(size)} of it: {seconds:.1f} s to train and encode, {len(bpe.tokens) / seconds / 1e6:.2f} M "
-                        f"tokens/s, {size / len(bpe.tokens):.2f} bytes per token, token file {bpe.tokens.dtype.name}.")
+            bpe_line = (
+                f"\n\nBPE (data.tokenizer=bpe, vocab_size 4096, trained on the first 90%) on the first "
+                f"{mb(size)} of it: {seconds:.1f} s to train and encode, {len(bpe.tokens) / seconds / 1e6:.2f} M "
+                f"tokens/s, {size / len(bpe.tokens):.2f} bytes per token, token file {bpe.tokens.dtype.name}."
+            )
 
         rows, memory_rows = [], []
         for (model, batch, block), (need, where) in STEP_NEEDS.items():
-            for name, source in (("TokenFile (maps per read)", tokens), ("one long-lived np.memmap", LongLivedMap(tokens))):
+            for name, source in (
+                ("TokenFile (maps per read)", tokens),
+                ("one long-lived np.memmap", LongLivedMap(tokens)),
+            ):
                 seconds, samples = draw(source, batch, block, args.batches, args.every)
                 batches_per_s = args.every / statistics.median(seconds)
                 pages = pages_visited(tokens, batch, block, args.batches)
-                rows.append(f"| {model} | {batch} x {block} | {name} | {batches_per_s:,.0f} | "
-                            f"{batches_per_s * batch * block / 1e6:,.1f} M | {batches_per_s * batch * block / need:,.0f}x "
-                            f"({need / 1e6:.2f} M, {where}) |")
+                rows.append(
+                    f"| {model} | {batch} x {block} | {name} | {batches_per_s:,.0f} | "
+                    f"{batches_per_s * batch * block / 1e6:,.1f} M | {batches_per_s * batch * block / need:,.0f}x "
+                    f"({need / 1e6:.2f} M, {where}) |"
+                )
                 rss = [s["VmRSS"] for s in samples]
-                memory_rows.append(f"| {model} | {name} | {mb(rss[0])} | {mb(rss[-1])} | {mb(max(rss))} | "
-                                   f"{mb(samples[-1]['VmHWM'])} | "
-                                   f"{mb(samples[-1]['RssAnon'] - samples[0]['RssAnon'])} | "
-                                   f"{mb(samples[-1]['RssFile'] - samples[0]['RssFile'])} | {pages:.0%} |")
-        body = "\n".join([
-            f"Corpus: {n_chars:,} characters of TinyShakespeare lines reshuffled into {args.files} files "
-            f"(generated in {generated:.0f} s); char tokenizer, vocabulary of {corpus.tokenizer.vocab_size}, "
-            f"token file {tokens.dtype.name}, {mb(tokens.path.stat().st_size)}.",
-            "",
-            f"Tokenizing (two passes: collect the characters, then encode; 4 MiB chunks): {tokenized:.1f} s, "
-            f"{n_chars / tokenized / 1e6:.1f} M tokens/s; peak resident memory of the process "
-            f"{mb(after['VmHWM'])} (before: {mb(before['VmRSS'])} resident).{bpe_line}",
-            "",
-            f"Random windows, {args.batches} batches per row, timed in blocks of {args.every}; medians over blocks "
-            "(other jobs shared this machine's cores, so rates are noisy):",
-            "",
-            "| model | batch x block | reader | batches/s | tokens/s | vs the step's need |",
-            "|---|---|---|---|---|---|",
-            *rows,
-            "",
-            f"Resident memory while drawing (VmRSS at the start, the end and the largest of the samples taken every "
-            f"{args.every} batches; VmHWM, the peak at any moment, within a read too; growth of the process's own "
-            "memory, RssAnon, and of mapped file pages, RssFile; share of the token file's 4 KiB pages the windows "
-            "read):",
-            "",
-            "| model | reader | VmRSS start | end | max sampled | peak | RssAnon growth | RssFile growth | pages visited |",
-            "|---|---|---|---|---|---|---|---|---|",
-            *memory_rows,
-        ])
+                memory_rows.append(
+                    f"| {model} | {name} | {mb(rss[0])} | {mb(rss[-1])} | {mb(max(rss))} | "
+                    f"{mb(samples[-1]['VmHWM'])} | "
+                    f"{mb(samples[-1]['RssAnon'] - samples[0]['RssAnon'])} | "
+                    f"{mb(samples[-1]['RssFile'] - samples[0]['RssFile'])} | {pages:.0%} |"
+                )
+        body = "\n".join(
+            [
+                f"Corpus: {n_chars:,} characters of TinyShakespeare lines reshuffled into {args.files} files "
+                f"(generated in {generated:.0f} s); char tokenizer, vocabulary of {corpus.tokenizer.vocab_size}, "
+                f"token file {tokens.dtype.name}, {mb(tokens.path.stat().st_size)}.",
+                "",
+                f"Tokenizing (two passes: collect the characters, then encode; 4 MiB chunks): {tokenized:.1f} s, "
+                f"{n_chars / tokenized / 1e6:.1f} M tokens/s; peak resident memory of the process "
+                f"{mb(after['VmHWM'])} (before: {mb(before['VmRSS'])} resident).{bpe_line}",
+                "",
+                f"Random windows, {args.batches} batches per row, timed in blocks of {args.every}; medians over blocks "
+                "(other jobs shared this machine's cores, so rates are noisy):",
+                "",
+                "| model | batch x block | reader | batches/s | tokens/s | vs the step's need |",
+                "|---|---|---|---|---|---|",
+                *rows,
+                "",
+                f"Resident memory while drawing (VmRSS at the start, the end and the largest of the samples taken every "
+                f"{args.every} batches; VmHWM, the peak at any moment, within a read too; growth of the process's own "
+                "memory, RssAnon, and of mapped file pages, RssFile; share of the token file's 4 KiB pages the windows "
+                "read):",
+                "",
+                "| model | reader | VmRSS start | end | max sampled | peak | RssAnon growth | RssFile growth | pages visited |",
+                "|---|---|---|---|---|---|---|---|---|",
+                *memory_rows,
+            ]
+        )
         print(body)
-        append_results(args.results, f"Corpus larger than memory: {n_chars / 1e6:.0f} M tokens, token file and "
-                       "random windows", " ".join(["python", *sys.argv]), machine_summary("cpu"), body)
+        append_results(
+            args.results,
+            f"Corpus larger than memory: {n_chars / 1e6:.0f} M tokens, token file and random windows",
+            " ".join(["python", *sys.argv]),
+            machine_summary("cpu"),
+            body,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

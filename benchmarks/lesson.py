@@ -70,8 +70,14 @@ def lesson_batch(data: torch.Tensor, batch_size: int, block_size: int, device: t
     return x.to(device), y.to(device)
 
 
-def lesson_step(model: LessonGPT, optimizer: torch.optim.Optimizer, data: torch.Tensor, batch_size: int,
-                block_size: int, device: torch.device) -> torch.Tensor:
+def lesson_step(
+    model: LessonGPT,
+    optimizer: torch.optim.Optimizer,
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    device: torch.device,
+) -> torch.Tensor:
     x, y = lesson_batch(data, batch_size, block_size, device)
     loss = model(x, y)
     optimizer.zero_grad()

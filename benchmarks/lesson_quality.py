@@ -32,8 +32,10 @@ from minigpt.data import TextDataModule, windows  # noqa: E402
 def mean_loss(model: LessonGPT, xy: tuple[torch.Tensor, torch.Tensor], batch_size: int = 64) -> float:
     model.eval()
     x, y = xy
-    total = sum(model(x[i : i + batch_size].long(), y[i : i + batch_size].long()).item() * len(x[i : i + batch_size])
-                for i in range(0, len(x), batch_size))
+    total = sum(
+        model(x[i : i + batch_size].long(), y[i : i + batch_size].long()).item() * len(x[i : i + batch_size])
+        for i in range(0, len(x), batch_size)
+    )
     model.train()
     return total / len(x)
 
@@ -62,8 +64,10 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     train_tokens = data.train_tokens.long()
-    rows = ["| step | train loss (mean of the last steps) | val/loss, 320 fixed windows | val/loss, whole split | s |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| step | train loss (mean of the last steps) | val/loss, 320 fixed windows | val/loss, whole split | s |",
+        "|---|---|---|---|---|",
+    ]
     start, running = time.perf_counter(), 0.0
     for step in range(1, args.steps + 1):
         x, y = lesson_batch(train_tokens, batch_size, block_size, torch.device("cpu"))
@@ -75,12 +79,19 @@ def main() -> None:
         schedule.step()
         running += loss.item()
         if step % args.every == 0 or step == args.steps:
-            rows.append(f"| {step} | {running / (step % args.every or args.every):.4f} | {mean_loss(model, fixed):.4f} | "
-                        f"{mean_loss(model, whole):.4f} | {time.perf_counter() - start:.0f} |")
+            rows.append(
+                f"| {step} | {running / (step % args.every or args.every):.4f} | {mean_loss(model, fixed):.4f} | "
+                f"{mean_loss(model, whole):.4f} | {time.perf_counter() - start:.0f} |"
+            )
             running = 0.0
             print(rows[-1], flush=True)
-    append_results(args.results, f"The lesson's own loop: val/loss after {args.steps} steps at lr {args.lr:g}",
-                   " ".join(sys.argv), machine_summary("cpu"), "\n".join(rows))
+    append_results(
+        args.results,
+        f"The lesson's own loop: val/loss after {args.steps} steps at lr {args.lr:g}",
+        " ".join(sys.argv),
+        machine_summary("cpu"),
+        "\n".join(rows),
+    )
 
 
 if __name__ == "__main__":

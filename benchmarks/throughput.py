@@ -42,13 +42,22 @@ from minigpt.module import make_optimizer, make_schedule  # noqa: E402
 
 def overrides(args, trainer: str | None = None, batch_size: int | None = None) -> list[str]:
     """Our runs' settings: no checkpoints, validation, early stop or graph, so that only training steps count."""
-    return [f"model={args.model}", f"data.batch_size={batch_size or args.batch_size}",
-            f"trainer={trainer or ('gpu' if args.device == 'cuda' else 'cpu')}",
-            f"trainer.max_steps={args.warmup + args.steps}", f"trainer.val_check_interval={10**9}",
-            "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
-            "~callbacks.model_checkpoint", "~callbacks.step_checkpoint", "~callbacks.early_stopping",
-            "~callbacks.computation_graph", f"compile={args.compile}", f"compile_mode={args.compile_mode}",
-            *args.override]
+    return [
+        f"model={args.model}",
+        f"data.batch_size={batch_size or args.batch_size}",
+        f"trainer={trainer or ('gpu' if args.device == 'cuda' else 'cpu')}",
+        f"trainer.max_steps={args.warmup + args.steps}",
+        f"trainer.val_check_interval={10**9}",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_model_summary=false",
+        "~callbacks.model_checkpoint",
+        "~callbacks.step_checkpoint",
+        "~callbacks.early_stopping",
+        "~callbacks.computation_graph",
+        f"compile={args.compile}",
+        f"compile_mode={args.compile_mode}",
+        *args.override,
+    ]
 
 
 def compose_cfg(args, run_dir: str):
@@ -101,11 +110,17 @@ def run_ddp(args, datamodule: TextDataModule) -> float:
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over --processes {args.processes}")
     with tempfile.TemporaryDirectory() as run_dir:
         seconds_file = Path(run_dir) / "seconds"
-        command = [sys.executable, str(ROOT / "train.py"),
-                   *overrides(args, "ddp_cpu", args.batch_size // args.processes),
-                   f"trainer.devices={args.processes}", "logger=none", f"hydra.run.dir={run_dir}/run",
-                   "+callbacks.step_clock._target_=benchmarks.throughput.StepClockFile",
-                   f"+callbacks.step_clock.warmup={args.warmup}", f"+callbacks.step_clock.path={seconds_file}"]
+        command = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *overrides(args, "ddp_cpu", args.batch_size // args.processes),
+            f"trainer.devices={args.processes}",
+            "logger=none",
+            f"hydra.run.dir={run_dir}/run",
+            "+callbacks.step_clock._target_=benchmarks.throughput.StepClockFile",
+            f"+callbacks.step_clock.warmup={args.warmup}",
+            f"+callbacks.step_clock.path={seconds_file}",
+        ]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if done.returncode or not seconds_file.exists():
             raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -151,8 +166,11 @@ def run_plain(args, datamodule: TextDataModule, profiler=None) -> float:
     tokens = datamodule.train_tokens.to(device)
     batches = iter(RandomWindows(tokens, cfg.model.block_size, args.batch_size, cfg.seed))
     precision = str(cfg.trainer.precision)  # as Lightning's: bf16-mixed or 16-mixed autocast, 32-true none
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16,
-                              enabled=precision in ("bf16-mixed", "16-mixed"))
+    autocast = torch.autocast(
+        device.type,
+        dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16,
+        enabled=precision in ("bf16-mixed", "16-mixed"),
+    )
     clip = cfg.trainer.gradient_clip_val
 
     def step() -> None:
@@ -173,12 +191,17 @@ def run_lesson(args, datamodule: TextDataModule, profiler=None) -> float:
     device = torch.device(args.device)
     cfg = compose_cfg(args, tempfile.gettempdir())
     torch.manual_seed(cfg.seed)
-    model = LessonGPT(datamodule.tokenizer.vocab_size, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_layer,
-                      cfg.model.block_size).to(device)
+    model = LessonGPT(
+        datamodule.tokenizer.vocab_size, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_layer, cfg.model.block_size
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
     data = datamodule.train_tokens.long()  # the lesson keeps the text as int64 on the host
-    return time_steps(partial(lesson_step, model, optimizer, data, args.batch_size, cfg.model.block_size, device),
-                      args, device, profiler)
+    return time_steps(
+        partial(lesson_step, model, optimizer, data, args.batch_size, cfg.model.block_size, device),
+        args,
+        device,
+        profiler,
+    )
 
 
 # Where a step's time goes, by operator (self time, so nothing counts twice): name fragments -> category.
@@ -188,20 +211,34 @@ CATEGORIES = [
     ("softmax and causal mask", ("aten::_softmax", "masked_fill", "aten::tril", "aten::triu", "aten::eq")),
     ("GELU", ("aten::gelu",)),
     ("LayerNorm", ("layer_norm",)),
-    ("copies, fills, cat, stack", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::stack",
-                                   "aten::clone", "aten::index", "aten::slice")),
+    (
+        "copies, fills, cat, stack",
+        (
+            "aten::copy_",
+            "aten::fill_",
+            "aten::zero_",
+            "aten::cat",
+            "aten::stack",
+            "aten::clone",
+            "aten::index",
+            "aten::slice",
+        ),
+    ),
 ]
 
 
 def categorize(name: str) -> str:
-    return next((category for category, fragments in CATEGORIES if any(f in name for f in fragments)),
-                "other operators (elementwise, optimizer, embedding, loss)")
+    return next(
+        (category for category, fragments in CATEGORIES if any(f in name for f in fragments)),
+        "other operators (elementwise, optimizer, embedding, loss)",
+    )
 
 
 def profile_variant(name: str, args, datamodule: TextDataModule) -> dict[str, float]:
     """Milliseconds per step by category of operator, from PyTorch's profiler over `args.steps` steps."""
     activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        [torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else []
+    )
     profiler = torch.profiler.profile(activities=activities)
     seconds = VARIANTS[name](args, datamodule, profiler)
     per_step: dict[str, float] = {}
@@ -215,8 +252,10 @@ def profile_variant(name: str, args, datamodule: TextDataModule) -> dict[str, fl
 
 # Where a step's host time goes (cProfile self time, by the file of the function): path fragment -> category.
 HOST_CATEGORIES = [
-    ("compiled code's runtime (Dynamo guards, Inductor, CUDA graphs)", ("torch/_dynamo", "torch/_inductor",
-                                                                        "torch/_functorch", "cudagraph")),
+    (
+        "compiled code's runtime (Dynamo guards, Inductor, CUDA graphs)",
+        ("torch/_dynamo", "torch/_inductor", "torch/_functorch", "cudagraph"),
+    ),
     ("Lightning (loops, hooks, logging, precision)", ("lightning/", "torchmetrics/")),
     ("minigpt (model, module, callbacks, data)", ("/minigpt/",)),
     ("PyTorch's Python (optimizer, clipping, autograd, modules)", ("torch/",)),
@@ -226,8 +265,9 @@ HOST_CATEGORIES = [
 def host_category(filename: str) -> str:
     if filename == "~":  # cProfile's name for built-ins: operators, kernel launches, Python's own
         return "C++ calls (operators, kernel launches, built-ins)"
-    return next((category for category, fragments in HOST_CATEGORIES if any(f in filename for f in fragments)),
-                "other Python")
+    return next(
+        (category for category, fragments in HOST_CATEGORIES if any(f in filename for f in fragments)), "other Python"
+    )
 
 
 def host_profile_variant(name: str, args, datamodule: TextDataModule) -> dict[str, float]:
@@ -262,18 +302,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per variant and repetition")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--compile", nargs="?", const="true", default="false", choices=["false", "true", "regional"],
-                        help="compile our model (not the lesson's): the whole model, or with `regional` each block")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="true",
+        default="false",
+        choices=["false", "true", "regional"],
+        help="compile our model (not the lesson's): the whole model, or with `regional` each block",
+    )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead")
-    parser.add_argument("--variants", default="plain,lightning,lesson",
-                        help=f"from {', '.join(VARIANTS)}: ddp is ours in --processes processes (trainer=ddp_cpu)")
+    parser.add_argument(
+        "--variants",
+        default="plain,lightning,lesson",
+        help=f"from {', '.join(VARIANTS)}: ddp is ours in --processes processes (trainer=ddp_cpu)",
+    )
     parser.add_argument("--processes", type=int, default=2, help="processes of the ddp variant")
     parser.add_argument("--baseline", help="the variant the ratios are against (default: plain, else the first)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for our runs")
-    parser.add_argument("--profile", action="store_true", help="then, where the plain and lesson steps spend "
-                        "their time, by kind of operator (PyTorch's profiler)")
-    parser.add_argument("--host-profile", action="store_true", help="then, where the plain and Lightning steps "
-                        "spend their host time: Lightning, the compiled code's runtime, PyTorch's Python... (cProfile)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then, where the plain and lesson steps spend their time, by kind of operator (PyTorch's profiler)",
+    )
+    parser.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="then, where the plain and Lightning steps "
+        "spend their host time: Lightning, the compiled code's runtime, PyTorch's Python... (cProfile)",
+    )
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     if unknown := sorted(set(args.variants.split(",")) - set(VARIANTS)):  # before minutes of the others
@@ -297,40 +353,62 @@ def main() -> None:
     base = args.baseline or ("plain" if "plain" in speed else variants[0])
     rows = ["| variant | tokens/s (median) | ms/step | vs " + base + " |", "|---|---|---|---|"]
     for name in variants:
-        rows.append(f"| {name} | {speed[name]:,.0f} | {1000 * tokens_per_step / speed[name]:.1f} | "
-                    f"{speed[name] / speed[base]:.3f} |")
-    compiled = {"false": "", "true": f"compiled ({args.compile_mode}), ",
-                "regional": f"compiled ({args.compile_mode}, each block), "}[args.compile]
-    title = (f"Throughput: model={args.model}, batch {args.batch_size} x {cfg.model.block_size}, {compiled}"
-             f"{'bf16-mixed' if args.device == 'cuda' else 'fp32'}")
-    body = "\n".join(rows) + (f"\n\n{args.reps} repetitions of {args.steps} timed steps after {args.warmup} "
-                              "warm-up steps, variants alternating; ratios of medians.")
+        rows.append(
+            f"| {name} | {speed[name]:,.0f} | {1000 * tokens_per_step / speed[name]:.1f} | "
+            f"{speed[name] / speed[base]:.3f} |"
+        )
+    compiled = {
+        "false": "",
+        "true": f"compiled ({args.compile_mode}), ",
+        "regional": f"compiled ({args.compile_mode}, each block), ",
+    }[args.compile]
+    title = (
+        f"Throughput: model={args.model}, batch {args.batch_size} x {cfg.model.block_size}, {compiled}"
+        f"{'bf16-mixed' if args.device == 'cuda' else 'fp32'}"
+    )
+    body = "\n".join(rows) + (
+        f"\n\n{args.reps} repetitions of {args.steps} timed steps after {args.warmup} "
+        "warm-up steps, variants alternating; ratios of medians."
+    )
     if "ddp" in variants:  # the threads Lightning gives each process, unless OMP_NUM_THREADS says
         threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // args.processes)
-        body += (f" ddp: `python train.py trainer=ddp_cpu trainer.devices={args.processes}`, {args.processes} "
-                 f"processes of {args.batch_size // args.processes} windows and {threads} thread(s) each, gradients "
-                 "averaged over gloo; their start-up is outside the clock.")
+        body += (
+            f" ddp: `python train.py trainer=ddp_cpu trainer.devices={args.processes}`, {args.processes} "
+            f"processes of {args.batch_size // args.processes} windows and {threads} thread(s) each, gradients "
+            "averaged over gloo; their start-up is outside the clock."
+        )
     profiled = [v for v in PROFILED if v in variants] if args.profile else []
     if profiled:
         profiles = {v: profile_variant(v, args, datamodule) for v in profiled}
         categories = [c for c, _ in CATEGORIES] + [categorize("")]
         table = ["| ms per step | " + " | ".join(profiled) + " |", "|---" * (len(profiled) + 1) + "|"]
-        table += [f"| {c} | " + " | ".join(f"{profiles[v].get(c, 0.0):.1f}" for v in profiled) + " |"
-                  for c in categories + ["step (wall, under the profiler)"]]
-        body += ("\n\nWhere the time goes: PyTorch's profiler over one more run of each; operators' self "
-                 + ("GPU time" if args.device == "cuda" else "CPU time (wall time on the calling thread)")
-                 + " by kind, per step.\n\n" + "\n".join(table))
+        table += [
+            f"| {c} | " + " | ".join(f"{profiles[v].get(c, 0.0):.1f}" for v in profiled) + " |"
+            for c in categories + ["step (wall, under the profiler)"]
+        ]
+        body += (
+            "\n\nWhere the time goes: PyTorch's profiler over one more run of each; operators' self "
+            + ("GPU time" if args.device == "cuda" else "CPU time (wall time on the calling thread)")
+            + " by kind, per step.\n\n"
+            + "\n".join(table)
+        )
     host_profiled = [v for v in ("plain", "lightning") if v in variants] if args.host_profile else []
     if host_profiled:
         profiles = {v: host_profile_variant(v, args, datamodule) for v in host_profiled}
-        categories = [c for c, _ in HOST_CATEGORIES] + ["other Python", host_category("~"),
-                                                        "step (wall of the timed steps, under cProfile)"]
+        categories = [c for c, _ in HOST_CATEGORIES] + [
+            "other Python",
+            host_category("~"),
+            "step (wall of the timed steps, under cProfile)",
+        ]
         table = ["| host ms per step | " + " | ".join(host_profiled) + " |", "|---" * (len(host_profiled) + 1) + "|"]
-        table += [f"| {c} | " + " | ".join(f"{profiles[v].get(c, 0.0):.2f}" for v in host_profiled) + " |"
-                  for c in categories]
-        body += ("\n\nWhere the host's time goes: cProfile over one more run of each; self time of the functions "
-                 "called on every step, by where they live, per step (cProfile's own cost inflates the Python "
-                 "rows).\n\n" + "\n".join(table))
+        table += [
+            f"| {c} | " + " | ".join(f"{profiles[v].get(c, 0.0):.2f}" for v in host_profiled) + " |" for c in categories
+        ]
+        body += (
+            "\n\nWhere the host's time goes: cProfile over one more run of each; self time of the functions "
+            "called on every step, by where they live, per step (cProfile's own cost inflates the Python "
+            "rows).\n\n" + "\n".join(table)
+        )
     append_results(args.results, title, " ".join(sys.argv), machine_summary(args.device), body)
     print(body)
 

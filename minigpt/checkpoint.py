@@ -35,8 +35,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"plain containers, which are never unpickled ({type(err).__name__}: {load_failure(err)})"
         ) from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, where a checkpoint is a "
-                         "dictionary of the model's weights and settings.")
+        raise ValueError(
+            f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, where a checkpoint is a "
+            "dictionary of the model's weights and settings."
+        )
     return checkpoint
 
 
@@ -58,9 +60,11 @@ def hyper_parameters(checkpoint: dict[str, Any], path: str | Path) -> dict[str, 
         raise ValueError(f"{path} is not a minigpt checkpoint (it has no hyper_parameters or no state_dict)")
     unknown = sorted(set(hparams) - HPARAMS)
     if unknown:
-        raise ValueError(f"{path} was written by another version of minigpt: its hyper-parameters {unknown} are "
-                         f"not among this version's ({sorted(HPARAMS)}). Sample from it with the version that "
-                         "trained it, or train a new model.")
+        raise ValueError(
+            f"{path} was written by another version of minigpt: its hyper-parameters {unknown} are "
+            f"not among this version's ({sorted(HPARAMS)}). Sample from it with the version that "
+            "trained it, or train a new model."
+        )
     return dict(hparams)
 
 
@@ -69,7 +73,7 @@ def read_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     checkpoint = load_checkpoint(path, map_location)
     hparams = hyper_parameters(checkpoint, path)
     prefix = "model."  # MiniGPTModule keeps the GPT as its `model` attribute
-    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:
         tokenizer = tokenizer_from_hparams(hparams.get("vocab"), hparams.get("bpe"))
         model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **(hparams.get("model") or {})))
@@ -82,8 +86,10 @@ def read_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 def checkpoint_path(cfg: DictConfig, command: str) -> str:
     """`cfg.ckpt_path`, which has no default (`???`): without it, an error that says what to give."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
-        raise ValueError(f"ckpt_path is missing: give the run to read, e.g. {command} ckpt_path=outputs/<date>/<time> "
-                         "(a run folder, as the run's last line names it, or a .ckpt file)")
+        raise ValueError(
+            f"ckpt_path is missing: give the run to read, e.g. {command} ckpt_path=outputs/<date>/<time> "
+            "(a run folder, as the run's last line names it, or a .ckpt file)"
+        )
     return cfg.ckpt_path
 
 
@@ -113,11 +119,15 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
     runs = sorted({p.parent.parent for p in path.glob("*/checkpoints/*.ckpt")})
     if runs:  # a multirun's folder, or outputs/<date>: the runs are inside
         listed = ", ".join(str(run) for run in runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
-        raise FileNotFoundError(f"No checkpoint in {path} itself: it holds the folders of {len(runs)} runs with "
-                                f"checkpoints ({listed}). Give one of them as ckpt_path.")
-    raise FileNotFoundError(f"No checkpoint in {folder}: the run saved none. Either it stopped before its first "
-                            "validation, or its callbacks keep no checkpoint (callbacks=none, experiment=speedrun; "
-                            "its .hydra/config.yaml says which).")
+        raise FileNotFoundError(
+            f"No checkpoint in {path} itself: it holds the folders of {len(runs)} runs with "
+            f"checkpoints ({listed}). Give one of them as ckpt_path."
+        )
+    raise FileNotFoundError(
+        f"No checkpoint in {folder}: the run saved none. Either it stopped before its first "
+        "validation, or its callbacks keep no checkpoint (callbacks=none, experiment=speedrun; "
+        "its .hydra/config.yaml says which)."
+    )
 
 
 def recorded_best(folder: Path, checkpoint: Path) -> Path | None:
@@ -133,5 +143,11 @@ def recorded_best(folder: Path, checkpoint: Path) -> Path | None:
 
 def monitoring_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The saved state of the run's ModelCheckpoint that monitors val/loss (best_model_path, best_model_score), or {}."""
-    return next((state for state in checkpoint.get("callbacks", {}).values()
-                 if isinstance(state, dict) and state.get("monitor") == "val/loss"), {})
+    return next(
+        (
+            state
+            for state in checkpoint.get("callbacks", {}).values()
+            if isinstance(state, dict) and state.get("monitor") == "val/loss"
+        ),
+        {},
+    )

@@ -8,8 +8,9 @@ half-written `last.ckpt`. Nothing is fsynced either, so a power cut can leave an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -32,8 +33,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_write(path) as f:
             torch.save(checkpoint, f)
 
-    def load_checkpoint(self, path: str | Path, map_location: Callable | str | None = "cpu",
-                        weights_only: bool | None = True) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | Path, map_location: Callable | str | None = "cpu", weights_only: bool | None = True
+    ) -> dict[str, Any]:
         if weights_only is False:
             raise ValueError("minigpt loads checkpoints with weights_only=True only: a checkpoint must not run code")
         if not _is_local_file_protocol(path):

@@ -40,13 +40,20 @@ def source_files(path: str, glob: str) -> list[Path]:
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"data.path={path} does not exist. Give a UTF-8 text file or a folder of them.")
-    files = sorted((p for p in root.glob(glob)
-                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = sorted(
+        (
+            p
+            for p in root.glob(glob)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     if not files:
-        raise FileNotFoundError(f"data.path={path} is a folder with no file matching data.glob={glob} (hidden files "
-                                "and folders are skipped). Pass data.glob='**/*' for every file in it and its "
-                                "subfolders, or point data.path at a file.")
+        raise FileNotFoundError(
+            f"data.path={path} is a folder with no file matching data.glob={glob} (hidden files "
+            "and folders are skipped). Pass data.glob='**/*' for every file in it and its "
+            "subfolders, or point data.path at a file."
+        )
     return files
 
 
@@ -79,16 +86,23 @@ def not_text(file: Path, offset: int, reason: str, data: bytes, in_folder: bool 
     """The error for a file that is not UTF-8 text, with what to do: `data` is what was read of it; `in_folder`:
     the file is one of a folder's (data=text), which data.glob can leave out, else the data.path itself."""
     converted = file.with_name(f"{file.stem}.utf8.txt")
-    instead = ("and leave the original out with data.glob" if in_folder else f"and pass data.path={converted}")
+    instead = "and leave the original out with data.glob" if in_folder else f"and pass data.path={converted}"
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what Windows' Notepad calls "Unicode"
-        return ValueError(f"{file} is UTF-16 text, not UTF-8: convert it into a new file, e.g. `iconv -f utf-16 -t "
-                          f"utf-8 {file} > {converted}`, {instead}.")
+        return ValueError(
+            f"{file} is UTF-16 text, not UTF-8: convert it into a new file, e.g. `iconv -f utf-16 -t "
+            f"utf-8 {file} > {converted}`, {instead}."
+        )
     if b"\0" in data:  # no UTF-8 text has NUL bytes: an image, an archive, a program (or UTF-16 without its mark)
-        leave_out = ("leave it out, e.g. data.glob='**/*.txt' reads only a folder's .txt files" if in_folder
-                     else "give a text file as data.path")
-        return ValueError(f"{file} is not UTF-8 text: it holds NUL bytes, as images, archives, programs and UTF-16 "
-                          f"text do. If it is UTF-16 text, convert it (`iconv -f utf-16 -t utf-8 {file} > "
-                          f"{converted}`); else {leave_out}.")
+        leave_out = (
+            "leave it out, e.g. data.glob='**/*.txt' reads only a folder's .txt files"
+            if in_folder
+            else "give a text file as data.path"
+        )
+        return ValueError(
+            f"{file} is not UTF-8 text: it holds NUL bytes, as images, archives, programs and UTF-16 "
+            f"text do. If it is UTF-16 text, convert it (`iconv -f utf-16 -t utf-8 {file} > "
+            f"{converted}`); else {leave_out}."
+        )
     return ValueError(
         f"{file} is not UTF-8 text: byte {offset} ({reason}). If it is text in another encoding, convert it into a "
         f"new file, keeping the original: e.g. `iconv -f latin1 -t utf-8 {file} > {converted}` (`file {file}` "
@@ -96,8 +110,9 @@ def not_text(file: Path, offset: int, reason: str, data: bytes, in_folder: bool 
     )
 
 
-def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = None,
-                limit_bytes: int | None = None) -> Iterator[str]:
+def read_chunks(
+    files: list[Path], chunk_bytes: int, progress: tqdm | None = None, limit_bytes: int | None = None
+) -> Iterator[str]:
     """The files' text, one after the other, in pieces of about `chunk_bytes` bytes cut at `SAFE_SPLIT` points.
 
     Decoding is incremental, so a character split between two reads is joined up; a byte that is not UTF-8
@@ -128,7 +143,7 @@ def read_chunks(files: list[Path], chunk_bytes: int, progress: tqdm | None = Non
                 # Windows' and old Macs' line endings read as newlines, as Python reads a text file; a \r that ends
                 # a read waits for the next one, which may begin with its \n
                 held = "\r" if text.endswith("\r") and not done else ""
-                text = text[:len(text) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
+                text = text[: len(text) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
                 # a line longer than a few chunks is cut where the read ended, so memory stays bounded
                 cut = len(text) if done or len(text) > 4 * chunk_bytes else last_safe_cut(text)
                 if cut:
@@ -149,8 +164,10 @@ class TokenFileChanged(RuntimeError):
     """The token file a run reads was removed or replaced (its corpus re-tokenized) after the run started."""
 
 
-RESUME_HINT = ("Resume the run (python train.py ckpt_path=<its run folder>, the same settings): it tokenizes the data "
-               "as it is now, and is refused if the vocabulary changed; or restart the run without ckpt_path.")
+RESUME_HINT = (
+    "Resume the run (python train.py ckpt_path=<its run folder>, the same settings): it tokenizes the data "
+    "as it is now, and is refused if the vocabulary changed; or restart the run without ckpt_path."
+)
 
 
 @dataclass(frozen=True)
@@ -196,13 +213,16 @@ class TokenFile:
             try:
                 fd = os.open(self.path, os.O_RDONLY)
             except OSError as err:
-                raise TokenFileChanged(f"The token file {self.path} this run trains on is gone ({err.strerror}). "
-                                       f"{RESUME_HINT}") from None
+                raise TokenFileChanged(
+                    f"The token file {self.path} this run trains on is gone ({err.strerror}). {RESUME_HINT}"
+                ) from None
             stat = os.fstat(fd)
             if (stat.st_dev, stat.st_ino) != self.identity:
                 os.close(fd)
-                raise TokenFileChanged(f"The token file {self.path} was rebuilt after this run started (its source "
-                                       f"files changed). {RESUME_HINT}")
+                raise TokenFileChanged(
+                    f"The token file {self.path} was rebuilt after this run started (its source "
+                    f"files changed). {RESUME_HINT}"
+                )
             _OPEN_FILES[key] = fd
         return _OPEN_FILES[key]
 
@@ -213,8 +233,9 @@ class TokenFile:
         itemsize = self.dtype.itemsize
         first = self.start * itemsize
         aligned = first - first % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
-        with mmap.mmap(self._descriptor(), self.stop * itemsize - aligned, access=mmap.ACCESS_READ,
-                       offset=aligned) as mapped:
+        with mmap.mmap(
+            self._descriptor(), self.stop * itemsize - aligned, access=mmap.ACCESS_READ, offset=aligned
+        ) as mapped:
             tokens = np.frombuffer(mapped, self.dtype, count=len(self), offset=first - aligned)
             picked = tokens[index] if isinstance(index, slice) else tokens[torch.as_tensor(index).numpy()]
             picked = picked.astype(np.int64)  # a copy: the mapping closes here
@@ -226,8 +247,9 @@ class TokenFile:
         if sum(sections) != len(self):
             raise ValueError(f"sections {sections} do not add up to the {len(self)} tokens")
         ends = np.cumsum([0, *sections]) + self.start
-        return tuple(TokenFile(self.path, self.dtype, int(a), int(b), self.identity)
-                     for a, b in zip(ends[:-1], ends[1:]))
+        return tuple(
+            TokenFile(self.path, self.dtype, int(a), int(b), self.identity) for a, b in zip(ends[:-1], ends[1:])
+        )
 
 
 @dataclass(frozen=True)
@@ -278,8 +300,16 @@ def load_corpus(folder: Path, expected_fingerprint: str | None = None) -> Corpus
     return Corpus(TokenFile.open(tokens_file, dtype, meta["n_tokens"]), tokenizer)
 
 
-def build_corpus(files: list[Path], folder: Path, tokenizer: str, vocab_size: int, bpe_train_bytes: int,
-                 train_fraction: float, chunk_bytes: int, fingerprint_: str) -> Corpus:
+def build_corpus(
+    files: list[Path],
+    folder: Path,
+    tokenizer: str,
+    vocab_size: int,
+    bpe_train_bytes: int,
+    train_fraction: float,
+    chunk_bytes: int,
+    fingerprint_: str,
+) -> Corpus:
     """Tokenize `files` into `folder`: the tokenizer first, then the token file, then `meta.json` to mark it whole.
 
     A character vocabulary takes one pass over the text to collect its characters; a BPE learns its merges from
@@ -297,36 +327,58 @@ def build_corpus(files: list[Path], folder: Path, tokenizer: str, vocab_size: in
     else:
         train_bytes = min(int(total * train_fraction), bpe_train_bytes)
         log.info("Training a byte-level BPE of %d tokens on the first %d bytes of %d", vocab_size, train_bytes, total)
-        lines = (line for text in read_chunks(files, chunk_bytes, limit_bytes=train_bytes)
-                 for line in SAFE_SPLIT.split(text))
+        lines = (
+            line for text in read_chunks(files, chunk_bytes, limit_bytes=train_bytes) for line in SAFE_SPLIT.split(text)
+        )
         encoder = BPETokenizer.train(lines, vocab_size)
         if encoder.vocab_size < vocab_size:
-            log.warning("The BPE learned %d tokens, not data.vocab_size=%d: %d bytes of training text hold no more "
-                        "pairs worth merging. A vocabulary that large for so little text memorises it; a smaller "
-                        "data.vocab_size (or the char tokenizer) suits it better", encoder.vocab_size, vocab_size,
-                        train_bytes)
+            log.warning(
+                "The BPE learned %d tokens, not data.vocab_size=%d: %d bytes of training text hold no more "
+                "pairs worth merging. A vocabulary that large for so little text memorises it; a smaller "
+                "data.vocab_size (or the char tokenizer) suits it better",
+                encoder.vocab_size,
+                vocab_size,
+                train_bytes,
+            )
         with atomic_write(folder / "tokenizer.json") as f:
             f.write(encoder.json.encode())
         extra = {}
     dtype = token_dtype(encoder.vocab_size)
     n_tokens = 0
-    with atomic_write(folder / "tokens.bin") as out, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing to {dtype.name}") as progress:
+    with (
+        atomic_write(folder / "tokens.bin") as out,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing to {dtype.name}") as progress,
+    ):
         for text in read_chunks(files, chunk_bytes, progress):
             ids = encoder.encode(text).numpy().astype(dtype)
             out.write(ids.tobytes())
             n_tokens += len(ids)
-    meta = {"fingerprint": fingerprint_, "tokenizer": tokenizer, "vocab_size": encoder.vocab_size,
-            "dtype": dtype.name, "n_tokens": n_tokens, "files": len(files), "bytes": total, **extra}
+    meta = {
+        "fingerprint": fingerprint_,
+        "tokenizer": tokenizer,
+        "vocab_size": encoder.vocab_size,
+        "dtype": dtype.name,
+        "n_tokens": n_tokens,
+        "files": len(files),
+        "bytes": total,
+        **extra,
+    }
     with atomic_write(folder / "meta.json") as f:  # written last: a token file without it is never used
         f.write(json.dumps(meta, indent=1).encode())
     log.info("Wrote %d tokens (%s, %d bytes) to %s", n_tokens, dtype.name, n_tokens * dtype.itemsize, folder)
     return Corpus(TokenFile.open(folder / "tokens.bin", dtype, n_tokens), encoder)
 
 
-def tokenize_corpus(path: str, cache_dir: str | Path, glob: str = "**/*.txt", tokenizer: str = "char",
-                    vocab_size: int = 4096, bpe_train_bytes: int = 100 * 2**20, train_fraction: float = 0.9,
-                    chunk_bytes: int = 4 * 2**20) -> Corpus:
+def tokenize_corpus(
+    path: str,
+    cache_dir: str | Path,
+    glob: str = "**/*.txt",
+    tokenizer: str = "char",
+    vocab_size: int = 4096,
+    bpe_train_bytes: int = 100 * 2**20,
+    train_fraction: float = 0.9,
+    chunk_bytes: int = 4 * 2**20,
+) -> Corpus:
     """The corpus at `path` (a file, or a folder's files matching `glob`), tokenized: from the cache when its
     fingerprint matches, else written now."""
     if tokenizer not in TOKENIZERS:
@@ -347,5 +399,4 @@ def tokenize_corpus(path: str, cache_dir: str | Path, glob: str = "**/*.txt", to
         if (corpus := load_corpus(folder, current)) is not None:
             return corpus
         log.info("Tokenizing %d file(s) of %s into %s", len(files), path, folder)
-        return build_corpus(files, folder, tokenizer, vocab_size, bpe_train_bytes, train_fraction, chunk_bytes,
-                            current)
+        return build_corpus(files, folder, tokenizer, vocab_size, bpe_train_bytes, train_fraction, chunk_bytes, current)

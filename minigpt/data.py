@@ -38,8 +38,10 @@ def download(url: str, dest: Path, sha256: str | None, timeout: float = 30.0) ->
         payload = response.read()
     digest = hashlib.sha256(payload).hexdigest()
     if sha256 and digest != sha256:
-        raise ValueError(f"Download from {url} has sha256 {digest}, expected {sha256}; nothing was written. "
-                         "Check data.url and data.sha256 (data.sha256=null accepts any file).")
+        raise ValueError(
+            f"Download from {url} has sha256 {digest}, expected {sha256}; nothing was written. "
+            "Check data.url and data.sha256 (data.sha256=null accepts any file)."
+        )
     with atomic_write(dest) as f:  # readers never see a half-written file
         f.write(payload)
 
@@ -49,10 +51,14 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
     if path is not None:
         file = Path(path).expanduser()
         if file.is_dir():
-            raise FileNotFoundError(f"data.path={path} is a folder: data=text reads a folder's files (data.glob picks "
-                                    f"them, **/*.txt by default): python train.py data=text data.path={path}")
+            raise FileNotFoundError(
+                f"data.path={path} is a folder: data=text reads a folder's files (data.glob picks "
+                f"them, **/*.txt by default): python train.py data=text data.path={path}"
+            )
         if not file.is_file():
-            raise FileNotFoundError(f"data.path={path} does not exist or is not a file. Give the path of a UTF-8 text file.")
+            raise FileNotFoundError(
+                f"data.path={path} does not exist or is not a file. Give the path of a UTF-8 text file."
+            )
         return file
     if cache_file.is_file():
         if sha256 and (digest := sha256_of(cache_file)) != sha256:
@@ -88,7 +94,9 @@ def read_text(file: Path) -> str:
         raise not_text(file, err.start, err.reason, data, in_folder=False) from None
 
 
-def windows(tokens: torch.Tensor | TokenFile, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def windows(
+    tokens: torch.Tensor | TokenFile, starts: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets for windows starting at `starts`: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
     offsets = starts[:, None] + torch.arange(block_size + 1, device=starts.device)  # (B, T+1)
     chunk = tokens[offsets].long()  # one gather for the whole batch, no Python loop per sample
@@ -110,8 +118,15 @@ class RandomWindows(IterableDataset):
     the workers in turn, so the stream is the same as without workers.
     """
 
-    def __init__(self, tokens: torch.Tensor | TokenFile, block_size: int, batch_size: int, seed: int, rank: int = 0,
-                 start: int = 0):
+    def __init__(
+        self,
+        tokens: torch.Tensor | TokenFile,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        start: int = 0,
+    ):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.start = seed, rank, start
 
@@ -128,17 +143,24 @@ class RandomWindows(IterableDataset):
             i += step
 
 
-def check_settings(block_size: int, batch_size: int, train_fraction: float, val_batches: int | None, seed: int,
-                   val_seed: int) -> None:
+def check_settings(
+    block_size: int, batch_size: int, train_fraction: float, val_batches: int | None, seed: int, val_seed: int
+) -> None:
     if not (is_whole(batch_size) and is_whole(block_size) and batch_size > 0 and block_size > 0):
-        raise ValueError(f"data.batch_size and data.block_size must be positive whole numbers, got "
-                         f"{as_typed(batch_size)} and {as_typed(block_size)}")
+        raise ValueError(
+            f"data.batch_size and data.block_size must be positive whole numbers, got "
+            f"{as_typed(batch_size)} and {as_typed(block_size)}"
+        )
     if not (is_number(train_fraction) and 0.0 < train_fraction < 1.0):
-        raise ValueError(f"data.train_fraction is the share of the text that trains, the rest validating: above 0 "
-                         f"and below 1 (0.9 by default), got {train_fraction!r}")
+        raise ValueError(
+            f"data.train_fraction is the share of the text that trains, the rest validating: above 0 "
+            f"and below 1 (0.9 by default), got {train_fraction!r}"
+        )
     if val_batches is not None and not (is_whole(val_batches) and val_batches > 0):
-        raise ValueError(f"data.val_batches must be a positive whole number, or null for the whole split, got "
-                         f"{as_typed(val_batches)}")
+        raise ValueError(
+            f"data.val_batches must be a positive whole number, or null for the whole split, got "
+            f"{as_typed(val_batches)}"
+        )
     for name, value in (("seed", seed), ("val_seed", val_seed)):
         if not is_whole(value):
             raise ValueError(f"data.{name} must be a whole number, got {as_typed(value)}")
@@ -146,9 +168,11 @@ def check_settings(block_size: int, batch_size: int, train_fraction: float, val_
 
 def check_cache_dir(cache_dir: str) -> None:
     if not cache_dir:  # a MINIGPT_CACHE_DIR that is set to nothing would put the cache in the working directory
-        raise ValueError("data.cache_dir is empty (is the MINIGPT_CACHE_DIR variable set to nothing?): name the folder "
-                         "for downloads and token files, e.g. data.cache_dir=$HOME/.cache/minigpt, or unset "
-                         "MINIGPT_CACHE_DIR")
+        raise ValueError(
+            "data.cache_dir is empty (is the MINIGPT_CACHE_DIR variable set to nothing?): name the folder "
+            "for downloads and token files, e.g. data.cache_dir=$HOME/.cache/minigpt, or unset "
+            "MINIGPT_CACHE_DIR"
+        )
 
 
 class WindowsDataModule(L.LightningDataModule):
@@ -183,8 +207,11 @@ class WindowsDataModule(L.LightningDataModule):
         characters, passes every check of the settings)."""
         if self._text_record is None:  # once: the text does not change under a run (a token file is read as it was)
             head = self.val_tokens[: 2**20].long().cpu().numpy().tobytes()
-            self._text_record = {"train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
-                                 "val_head_sha256": hashlib.sha256(head).hexdigest()}
+            self._text_record = {
+                "train_tokens": len(self.train_tokens),
+                "val_tokens": len(self.val_tokens),
+                "val_head_sha256": hashlib.sha256(head).hexdigest(),
+            }
         return self._text_record
 
     def state_dict(self) -> dict[str, Any]:  # saved in checkpoints by Lightning
@@ -207,10 +234,16 @@ class WindowsDataModule(L.LightningDataModule):
         rank = trainer.global_rank if trainer else 0
         tokens = self.train_tokens
         # (a token file stays on disk: only a text held in memory has the tokens_on_gpu setting)
-        if (trainer and isinstance(tokens, torch.Tensor) and self.hparams.tokens_on_gpu
-                and trainer.strategy.root_device.type == "cuda"):
+        if (
+            trainer
+            and isinstance(tokens, torch.Tensor)
+            and self.hparams.tokens_on_gpu
+            and trainer.strategy.root_device.type == "cuda"
+        ):
             tokens = tokens.to(trainer.strategy.root_device)  # 1 byte per character: 1 MB for TinyShakespeare
-        dataset = RandomWindows(tokens, self.hparams.block_size, self.hparams.batch_size, self.hparams.seed, rank, start)
+        dataset = RandomWindows(
+            tokens, self.hparams.block_size, self.hparams.batch_size, self.hparams.seed, rank, start
+        )
         # Batches are made whole by the dataset. From memory, a gather needs no workers; from a token file, workers
         # read the next batches while the model trains on this one.
         workers = self.hparams.get("num_workers", 0)
@@ -221,8 +254,9 @@ class WindowsDataModule(L.LightningDataModule):
         if trainer is not None and 1 < trainer.world_size <= len(self.val_set):
             # Under DDP each rank validates its share of the windows, each window once: Lightning's default sampler
             # would pad the shares to equal length by repeating windows, and val/loss would weigh those twice.
-            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=trainer.world_size,
-                                                   rank=trainer.global_rank, shuffle=False)
+            sampler = UnrepeatedDistributedSampler(
+                self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False)
 
 
@@ -264,7 +298,11 @@ class TextDataModule(WindowsDataModule):
         self.tokenizer = tokenizer
         log.info(
             "%s: %d characters, vocabulary of %d, %d for training and %d for validation",
-            file, len(text), tokenizer.vocab_size, len(self.train_tokens), len(self.val_tokens),
+            file,
+            len(text),
+            tokenizer.vocab_size,
+            len(self.train_tokens),
+            len(self.val_tokens),
         )
 
 
@@ -293,12 +331,15 @@ class CorpusDataModule(WindowsDataModule):
     ):
         super().__init__()
         if not path:
-            raise ValueError("data=text reads data.path: give a UTF-8 text file or a folder of them, "
-                             "e.g. data.path=/data/my_corpus")
+            raise ValueError(
+                "data=text reads data.path: give a UTF-8 text file or a folder of them, e.g. data.path=/data/my_corpus"
+            )
         check_settings(block_size, batch_size, train_fraction, val_batches, seed, val_seed)
         check_cache_dir(cache_dir)
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be 0 (windows read in the training process) or more, got {num_workers}")
+            raise ValueError(
+                f"data.num_workers must be 0 (windows read in the training process) or more, got {num_workers}"
+            )
         self.save_hyperparameters()
 
     def prepare_data(self) -> None:
@@ -310,11 +351,18 @@ class CorpusDataModule(WindowsDataModule):
         corpus = self._tokenize()
         self.split(corpus.tokens, self.hparams.path, "tokens")
         self.tokenizer = corpus.tokenizer
-        log.info("%s: %d tokens in %s, vocabulary of %d, %d for training and %d for validation", self.hparams.path,
-                 len(corpus.tokens), corpus.tokens.path, corpus.tokenizer.vocab_size, len(self.train_tokens),
-                 len(self.val_tokens))
+        log.info(
+            "%s: %d tokens in %s, vocabulary of %d, %d for training and %d for validation",
+            self.hparams.path,
+            len(corpus.tokens),
+            corpus.tokens.path,
+            corpus.tokenizer.vocab_size,
+            len(self.train_tokens),
+            len(self.val_tokens),
+        )
 
     def _tokenize(self) -> Corpus:
         hp = self.hparams
-        return tokenize_corpus(hp.path, hp.cache_dir, hp.glob, hp.tokenizer, hp.vocab_size, hp.bpe_train_bytes,
-                               hp.train_fraction)
+        return tokenize_corpus(
+            hp.path, hp.cache_dir, hp.glob, hp.tokenizer, hp.vocab_size, hp.bpe_train_bytes, hp.train_fraction
+        )

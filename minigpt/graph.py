@@ -24,8 +24,14 @@ from minigpt.model import GPT
 log = logging.getLogger(__name__)
 
 
-def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, path: str | Path,
-                          blocks: int | None = 1, setting: str = "blocks") -> Path:
+def render_autograd_graph(
+    model: GPT,
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    path: str | Path,
+    blocks: int | None = 1,
+    setting: str = "blocks",
+) -> Path:
     """Draw the autograd graph of the loss on (idx, targets) to `path` (.svg, .png or .pdf); returns the file written.
 
     `blocks`: how many of the model's transformer blocks to draw, from the first; None = all of them. The picture
@@ -44,17 +50,27 @@ def render_autograd_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor, 
     if drawn is not model:
         first = "the first" if blocks == 1 else f"the first {blocks}"
         rest = f"block {blocks}" if blocks == n_layer - 1 else f"blocks {blocks} to {n_layer - 1}"
-        graph.attr(label=f"The loss through {first} of {n_layer} transformer blocks: {rest}, the same graph, "
-                         f"left out\n(all of them: {setting}=null)", labelloc="t", fontsize="20")
+        graph.attr(
+            label=f"The loss through {first} of {n_layer} transformer blocks: {rest}, the same graph, "
+            f"left out\n(all of them: {setting}=null)",
+            labelloc="t",
+            fontsize="20",
+        )
     try:
         graph.render(outfile=path, cleanup=True)  # the format comes from the suffix
         return path
     except graphviz.ExecutableNotFound:
         source = path.with_suffix(".dot")
         source.write_text(graph.source)
-        log.warning("Graphviz's `dot` program is not installed, so the graph was not drawn; its source is in %s. "
-                    "Install Graphviz (apt-get install graphviz, brew install graphviz or conda install graphviz) "
-                    "and render it with: dot -T%s %s -o %s", source, path.suffix.lstrip(".") or "svg", source, path)
+        log.warning(
+            "Graphviz's `dot` program is not installed, so the graph was not drawn; its source is in %s. "
+            "Install Graphviz (apt-get install graphviz, brew install graphviz or conda install graphviz) "
+            "and render it with: dot -T%s %s -o %s",
+            source,
+            path.suffix.lstrip(".") or "svg",
+            source,
+            path,
+        )
         return source
 
 
@@ -69,17 +85,21 @@ def first_blocks(model: GPT, blocks: int) -> GPT:
 
 def check_blocks(blocks: object, setting: str = "blocks") -> None:
     if blocks is not None and (not is_whole(blocks) or blocks < 1):
-        raise ValueError(f"{setting}={as_typed(blocks)}: it is how many transformer blocks the graph draws, from the "
-                         "first: a whole number of at least 1, or null for all of them")
+        raise ValueError(
+            f"{setting}={as_typed(blocks)}: it is how many transformer blocks the graph draws, from the "
+            "first: a whole number of at least 1, or null for all of them"
+        )
 
 
 def check_graph_file(path: str | Path, setting: str = "path") -> None:
     """The file's suffix is the picture's format: it has to be one Graphviz draws. `setting` names it in the error."""
     suffix = Path(path).suffix.lstrip(".")
     if suffix not in graphviz.FORMATS:
-        raise ValueError(f"{setting}={path}: the suffix picks the picture's format, and "
-                         f"{'there is none' if not suffix else repr(suffix) + ' is not one Graphviz draws'}; "
-                         "end the name in .svg, .png or .pdf")
+        raise ValueError(
+            f"{setting}={path}: the suffix picks the picture's format, and "
+            f"{'there is none' if not suffix else repr(suffix) + ' is not one Graphviz draws'}; "
+            "end the name in .svg, .png or .pdf"
+        )
 
 
 def add_model_graph(writer: SummaryWriter, model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> None:

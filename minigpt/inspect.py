@@ -62,16 +62,23 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
         x, y = validation_batch(cfg, module)
         print(gradient_table(model, x, y))
         _, layers = measure(model)
-        figure = plots.gradient_flow([s.name for s in layers], [s.mean_abs for s in layers],
-                                     [s.max_abs for s in layers], f"gradient flow of {path.name} on one batch")
+        figure = plots.gradient_flow(
+            [s.name for s in layers],
+            [s.mean_abs for s in layers],
+            [s.max_abs for s in layers],
+            f"gradient flow of {path.name} on one batch",
+        )
         return [plots.save(figure, out_dir / "gradient_flow.png")]
 
     ids = text_ids(cfg, module)
     if cfg.what == "attention":
         figures = attention_figures(model, ids, module.tokenizer.pieces(ids), when=f" of {path.name}")
         return [plots.save(figure, out_dir / f"attention_layer{i}.png") for i, figure in enumerate(figures)]
-    return [render_autograd_graph(model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file, cfg.graph_blocks,
-                                  "graph_blocks")]
+    return [
+        render_autograd_graph(
+            model, ids[None, :-1], ids[None, 1:], out_dir / cfg.graph_file, cfg.graph_blocks, "graph_blocks"
+        )
+    ]
 
 
 def recorded_data(hydra_dir: Path) -> DictConfig:
@@ -81,8 +88,10 @@ def recorded_data(hydra_dir: Path) -> DictConfig:
         data = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml").data, resolve=True)
         started_in = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.cwd
     except (OmegaConfBaseException, OSError) as err:
-        raise ValueError(f"Could not read the run's data settings from {hydra_dir} ({err}): give them on the "
-                         "command line (data=..., data.path=...)") from None
+        raise ValueError(
+            f"Could not read the run's data settings from {hydra_dir} ({err}): give them on the "
+            "command line (data=..., data.path=...)"
+        ) from None
     for key in ("path", "cache_dir"):
         if isinstance(data.get(key), str) and not data[key].startswith("~"):
             data[key] = str(Path(started_in, data[key]))  # an absolute path stays as it is
@@ -92,14 +101,15 @@ def recorded_data(hydra_dir: Path) -> DictConfig:
 
 
 def validation_data(cfg: DictConfig, module: MiniGPTModule) -> WindowsDataModule:
-    datamodule = hydra.utils.instantiate(cfg.data, block_size=module.model.config.block_size,
-                                         batch_size=cfg.batch_size)
+    datamodule = hydra.utils.instantiate(cfg.data, block_size=module.model.config.block_size, batch_size=cfg.batch_size)
     datamodule.prepare_data()
     datamodule.setup("validate")
     if datamodule.tokenizer.hparams() != module.tokenizer.hparams():
-        raise ValueError("The data's tokenizer (its characters, or its BPE) is not the checkpoint's: give the text the "
-                         "model was trained on (data.path=..., and data=text data.tokenizer=... if it was trained so)"
-                         + (", or pass text=... to look at your own text." if cfg.what != "grads" else "."))
+        raise ValueError(
+            "The data's tokenizer (its characters, or its BPE) is not the checkpoint's: give the text the "
+            "model was trained on (data.path=..., and data=text data.tokenizer=... if it was trained so)"
+            + (", or pass text=... to look at your own text." if cfg.what != "grads" else ".")
+        )
     return datamodule
 
 
@@ -118,8 +128,12 @@ def text_ids(cfg: DictConfig, module: MiniGPTModule) -> torch.Tensor:
         except ValueError as err:
             raise ValueError(f"The text {text!r} cannot be encoded: {err}") from None
         if len(ids) > block_size:
-            log.warning("text is %d tokens long, and the model's context is %d: only the first %d are used",
-                        len(ids), block_size, block_size)
+            log.warning(
+                "text is %d tokens long, and the model's context is %d: only the first %d are used",
+                len(ids),
+                block_size,
+                block_size,
+            )
             ids = ids[:block_size]
         if len(ids) < 2:
             raise ValueError("text must have at least 2 tokens (the graph needs a next token to predict)")
@@ -136,8 +150,11 @@ def gradient_table(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     loss.backward()
     names = [name for name, _ in model.named_parameters()]
     width = max(map(len, names))
-    lines = [f"loss {loss.item():.4f} on a batch of {x.size(0)} windows of {x.size(1)} tokens", "",
-             f"{'parameter':<{width}}  {'shape':<14} {'mean |grad|':>12} {'std':>12}"]
+    lines = [
+        f"loss {loss.item():.4f} on a batch of {x.size(0)} windows of {x.size(1)} tokens",
+        "",
+        f"{'parameter':<{width}}  {'shape':<14} {'mean |grad|':>12} {'std':>12}",
+    ]
     for name, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         lines.append(f"{name:<{width}}  {str(tuple(p.shape)):<14} {g.abs().mean().item():12.3e} {g.std().item():12.3e}")

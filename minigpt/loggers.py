@@ -80,6 +80,12 @@ def rows_before(file: Path, step: int) -> tuple[list[str], list[dict[str, str]]]
     short (a kill in the middle of a write) is left out."""
     with file.open(newline="") as f:
         reader = csv.DictReader(f)
-        rows = [row for row in reader if None not in row.values() and None not in row
-                and row.get("step", "").isdigit() and int(row["step"]) < step]
+        rows = [
+            row
+            for row in reader
+            if None not in row.values()
+            and None not in row
+            and row.get("step", "").isdigit()
+            and int(row["step"]) < step
+        ]
         return sorted(reader.fieldnames or []), rows

@@ -265,8 +265,10 @@ def compile_model(model: GPT, how: bool | str = True, mode: str = "default") -> 
 
 def check_compile(how: object) -> None:
     if not (isinstance(how, bool) or how == "regional"):
-        raise ValueError(f"compile={how!r} is not one of the choices: false, true (compile the whole model) or "
-                         "regional (compile each transformer block: about half the compilation time).")
+        raise ValueError(
+            f"compile={how!r} is not one of the choices: false, true (compile the whole model) or "
+            "regional (compile each transformer block: about half the compilation time)."
+        )
 
 
 CAN_RUN_EAGERLY = hasattr(torch.compiler, "set_stance")  # a compiled module, on demand: PyTorch >= 2.6

@@ -17,8 +17,8 @@ from torch.utils import flop_counter
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.text import Perplexity
 
-from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.checkpoint import hyper_parameters, load_checkpoint, monitoring_state
+from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.model import GPT, GPTConfig, eager
 from minigpt.optim import Muon
 from minigpt.tokenizer import tokenizer_from_hparams
@@ -41,15 +41,20 @@ def count_cpu_attention_flops() -> None:
     """Teach PyTorch's FLOP counter the CPU's fused attention kernel, which it counts on GPUs only: without it the
     model summary's FLOPs leave out attention on a CPU (a quarter of the lesson's model) and differ from a GPU's."""
     aten = torch.ops.aten
-    forward, backward = aten._scaled_dot_product_flash_attention_for_cpu, \
-        aten._scaled_dot_product_flash_attention_for_cpu_backward
+    forward, backward = (
+        aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    )
     if forward not in flop_counter.flop_registry:  # (a later PyTorch may count it itself)
         flop_counter.register_flop_formula(forward)(
-            lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(query, key, value))
+            lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(query, key, value)
+        )
     if backward not in flop_counter.flop_registry:
         flop_counter.register_flop_formula(backward)(
-            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
-            flop_counter.sdpa_backward_flop_count(grad_out, query, key, value))
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(
+                grad_out, query, key, value
+            )
+        )
 
 
 def split_linear_weights(model: nn.Module, within: nn.Module | None = None) -> tuple[list, list]:
@@ -62,16 +67,20 @@ def split_linear_weights(model: nn.Module, within: nn.Module | None = None) -> t
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Optimizer groups that decay only the weights of linear layers: biases, norms and embeddings are left alone."""
     decay, no_decay = split_linear_weights(model)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def muon_param_groups(model: GPT, adamw_lr: float) -> list[dict[str, Any]]:
     """Muon for the weight matrices inside the transformer blocks; AdamW for the embeddings, the output head, norms
     and biases, which Muon's authors leave to AdamW (an embedding row or the head is not a map to orthogonalise)."""
     matrices, others = split_linear_weights(model, within=model.transformer.h)
-    return [{"params": matrices, "use_muon": True, "name": "muon"},
-            {"params": others, "use_muon": False, "lr": adamw_lr, "weight_decay": 0.0, "name": "adamw"}]
+    return [
+        {"params": matrices, "use_muon": True, "name": "muon"},
+        {"params": others, "use_muon": False, "lr": adamw_lr, "weight_decay": 0.0, "name": "adamw"},
+    ]
 
 
 def settings_of(name: str) -> set[str]:
@@ -102,8 +111,13 @@ def make_schedule(optimizer: torch.optim.Optimizer, schedule: dict[str, Any], ma
     """The learning-rate schedule that `schedule` (a scheduler config) names, over `max_steps` optimizer steps."""
     if schedule["name"] == "cosine" and max_steps <= 0:
         raise ValueError("scheduler=cosine decays over trainer.max_steps: set trainer.max_steps to a positive number")
-    multiplier = partial(warmup_cosine, warmup_steps=schedule["warmup_steps"], max_steps=max_steps,
-                         min_lr_ratio=schedule["min_lr_ratio"], decay=schedule["name"] == "cosine")
+    multiplier = partial(
+        warmup_cosine,
+        warmup_steps=schedule["warmup_steps"],
+        max_steps=max_steps,
+        min_lr_ratio=schedule["min_lr_ratio"],
+        decay=schedule["name"] == "cosine",
+    )
     return LambdaLR(optimizer, multiplier)
 
 
@@ -137,28 +151,42 @@ class MiniGPTModule(L.LightningModule):
         unknown = sorted(set(optimizer) - settings_of(name) - {"name"})
         if unknown:
             takers = [other for other in OPTIMIZERS if set(unknown) <= settings_of(other)]
-            choose = (f", or choose an optimizer that takes them: {', '.join(f'optimizer={t}' for t in takers)} (each "
-                      "brings its own settings)" if takers else ": no optimizer here takes them")
-            raise ValueError(f"optimizer={name} does not take the setting(s) {unknown}; it takes "
-                             f"{sorted(settings_of(name))}. Leave them out{choose}.")
+            choose = (
+                f", or choose an optimizer that takes them: {', '.join(f'optimizer={t}' for t in takers)} (each "
+                "brings its own settings)"
+                if takers
+                else ": no optimizer here takes them"
+            )
+            raise ValueError(
+                f"optimizer={name} does not take the setting(s) {unknown}; it takes "
+                f"{sorted(settings_of(name))}. Leave them out{choose}."
+            )
         for key in ("lr", "adamw_lr"):
             if key in optimizer and not (is_number(optimizer[key]) and optimizer[key] > 0):
                 raise ValueError(f"optimizer.{key} must be a positive number, got {optimizer[key]!r}")
-        if "weight_decay" in optimizer and not (is_number(optimizer["weight_decay"]) and optimizer["weight_decay"] >= 0):
+        if "weight_decay" in optimizer and not (
+            is_number(optimizer["weight_decay"]) and optimizer["weight_decay"] >= 0
+        ):
             # given per parameter group, where PyTorch does not check it: a negative one would push weights outwards
             raise ValueError(f"optimizer.weight_decay must be a number >= 0, got {optimizer['weight_decay']!r}")
         if scheduler["name"] not in SCHEDULES:
             raise ValueError(f"scheduler.name={scheduler['name']!r} is not one of {list(SCHEDULES)}")
         if not (is_whole(scheduler["warmup_steps"]) and scheduler["warmup_steps"] >= 0):
-            raise ValueError(f"scheduler.warmup_steps must be a whole number of optimizer steps, 0 or more, got "
-                             f"{as_typed(scheduler['warmup_steps'])}")
+            raise ValueError(
+                f"scheduler.warmup_steps must be a whole number of optimizer steps, 0 or more, got "
+                f"{as_typed(scheduler['warmup_steps'])}"
+            )
         if not (is_number(scheduler["min_lr_ratio"]) and 0.0 <= scheduler["min_lr_ratio"] <= 1.0):
-            raise ValueError(f"scheduler.min_lr_ratio is the final learning rate over the peak, between 0 and 1; got "
-                             f"{scheduler['min_lr_ratio']}")
+            raise ValueError(
+                f"scheduler.min_lr_ratio is the final learning rate over the peak, between 0 and 1; got "
+                f"{scheduler['min_lr_ratio']}"
+            )
         self.tokenizer = tokenizer_from_hparams(vocab, bpe)
         # Not sent to the loggers as they are: a BPE's JSON can be megabytes (train.py logs `settings` instead).
-        self.save_hyperparameters({**self.tokenizer.hparams(), "model": dict(model or {}), "optimizer": optimizer,
-                                   "scheduler": scheduler}, logger=False)
+        self.save_hyperparameters(
+            {**self.tokenizer.hparams(), "model": dict(model or {}), "optimizer": optimizer, "scheduler": scheduler},
+            logger=False,
+        )
         self.model = GPT(GPTConfig(vocab_size=self.tokenizer.vocab_size, **self.hparams.model))
         # One window: Lightning's model summary runs it through each layer for the in and out sizes and the FLOPs
         # of a forward pass (without it, a column of zeros)
@@ -263,14 +291,19 @@ class MiniGPTModule(L.LightningModule):
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()
         checkpoint["val_loss_best"] = self.best_val_loss
         # What the global batch is made of besides data.batch_size: a resume with other numbers is warned about
-        checkpoint["global_batch"] = {"accumulate_grad_batches": self.trainer.accumulate_grad_batches,
-                                      "devices": self.trainer.num_devices, "num_nodes": self.trainer.num_nodes}
+        checkpoint["global_batch"] = {
+            "accumulate_grad_batches": self.trainer.accumulate_grad_batches,
+            "devices": self.trainer.num_devices,
+            "num_nodes": self.trainer.num_nodes,
+        }
         # The console's mean train/loss since the last validation, so far: a run resumed between two validations goes
         # on with it. This process's own sum: under DDP each rank has its own, and only rank zero's would be saved.
         count = self._train_loss_count
         single = self.trainer.world_size == 1
         checkpoint["train_loss_since_validation"] = {
-            "count": count, "sum": float(self._train_loss_sum) if count and single else None}
+            "count": count,
+            "sum": float(self._train_loss_sum) if count and single else None,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
@@ -307,7 +340,10 @@ class MiniGPTModule(L.LightningModule):
         optimizer = make_optimizer(self.model, self.hparams.optimizer, self.device)
         scheduler = make_schedule(optimizer, self.hparams.scheduler, self.trainer.max_steps)
         # stepped after every optimizer step, not every epoch: a run is one long epoch of random windows
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> MiniGPTModule:

@@ -29,7 +29,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # private, no public name
+from lightning.pytorch.strategies.launchers.subprocess_script import (
+    _SubprocessScriptLauncher,
+)  # private, no public name
 from lightning.pytorch.utilities import rank_zero_only
 
 from minigpt.callbacks.divergence import NonFiniteLossError
@@ -40,8 +42,16 @@ log = logging.getLogger(__name__)
 # The environment variable that names the file where a job run by run_job_in_new_process leaves its metrics.
 METRICS_FILE = "MINIGPT_METRICS_FILE"
 # Hydra overrides of the sweep, not of its jobs: a job run by job_command leaves them out.
-SWEEP_SETTINGS = ("hydra.mode", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher", "hydra.sweep",
-                  "hydra.run", "hydra.output_subdir")
+SWEEP_SETTINGS = (
+    "hydra.mode",
+    "hydra/sweeper",
+    "hydra.sweeper",
+    "hydra/launcher",
+    "hydra.launcher",
+    "hydra.sweep",
+    "hydra.run",
+    "hydra.output_subdir",
+)
 # Config choices that need a Hydra plugin from one of the project's optional extras: (choice, plugin, extra).
 PLUGINS = [
     ("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "search"),
@@ -78,31 +88,43 @@ def check_plugins(args: list[str]) -> None:
     for arg in args:
         for choice, plugin, extra in PLUGINS:
             if arg.lstrip("+~").startswith(choice) and not is_installed(plugin):
-                raise SystemExit(f"error: {arg} needs the Hydra plugin {plugin.split('.')[-1]}, which is not installed. "
-                                 f"Install it with the project's extra: pip install -e \".[{extra}]\"")
+                raise SystemExit(
+                    f"error: {arg} needs the Hydra plugin {plugin.split('.')[-1]}, which is not installed. "
+                    f'Install it with the project\'s extra: pip install -e ".[{extra}]"'
+                )
         if arg in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") and shutil.which("sbatch") is None:
-            raise SystemExit(f"error: {arg} submits SLURM jobs with sbatch, which is not on this machine's PATH. Run "
-                             "it on the cluster's login node, or try the sweep here with hydra/launcher=submitit_local.")
+            raise SystemExit(
+                f"error: {arg} submits SLURM jobs with sbatch, which is not on this machine's PATH. Run "
+                "it on the cluster's login node, or try the sweep here with hydra/launcher=submitit_local."
+            )
 
 
 def restarts_script(strategy: Strategy) -> bool:
     """Whether Lightning would start a run's other processes by running its script again (`trainer=ddp` on several
     devices, not under torchrun or SLURM, which start every process themselves)."""
     launcher = strategy.launcher
-    return (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
-            and not strategy.cluster_environment.creates_processes_externally)
+    return (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and launcher.num_processes > 1
+        and not strategy.cluster_environment.creates_processes_externally
+    )
 
 
 def job_command(job: HydraConfig, script: Path) -> list[str]:
     """`python <script>` with this multirun job's overrides, as a single run that writes to the job's folder."""
     command = [sys.executable, str(script), f"--config-name={job.job.config_name}"]
-    command += [f"--config-dir={source.path}" for source in job.runtime.config_sources
-                if source.provider == "command-line"]
+    command += [
+        f"--config-dir={source.path}" for source in job.runtime.config_sources if source.provider == "command-line"
+    ]
     command += [o for o in job.overrides.hydra if not o.lstrip("+~").startswith(SWEEP_SETTINGS)]
     # hydra.output_subdir=null keeps the job's .hydra (its overrides, for `minigpt.report`); both log to train.log.
     # hydra.mode=RUN: a config can ask for a multirun itself (hparams_search/*.yaml do).
-    return command + [*job.overrides.task, f"hydra.run.dir={hydra_value(job.runtime.output_dir)}",
-                      "hydra.output_subdir=null", "hydra.mode=RUN"]
+    return command + [
+        *job.overrides.task,
+        f"hydra.run.dir={hydra_value(job.runtime.output_dir)}",
+        "hydra.output_subdir=null",
+        "hydra.mode=RUN",
+    ]
 
 
 def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
@@ -111,15 +133,21 @@ def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
         result = Path(tmp) / "metrics.json"
         log.info("Running this job as a run of its own in a new process, which starts the run's other processes")
         # a process group of its own (with the ranks it starts), which this process stops as a whole
-        process = subprocess.Popen(job_command(job, script), cwd=job.runtime.cwd, start_new_session=True,
-                                   env={**os.environ, METRICS_FILE: str(result)})
+        process = subprocess.Popen(
+            job_command(job, script),
+            cwd=job.runtime.cwd,
+            start_new_session=True,
+            env={**os.environ, METRICS_FILE: str(result)},
+        )
         try:
             with stops_as_interrupts():  # a job out of reach of its terminal must hear of everything that ends us
                 status = process.wait()
         except KeyboardInterrupt:  # Ctrl-C, SIGINT, SIGTERM or SIGHUP: the job gets SIGINT and time to stop
             stop_after_interrupt(process)
-            raise SystemExit(f"Interrupted: the sweep stopped in the job of {job.runtime.output_dir}, whose last "
-                             "lines say where it can resume from") from None
+            raise SystemExit(
+                f"Interrupted: the sweep stopped in the job of {job.runtime.output_dir}, whose last "
+                "lines say where it can resume from"
+            ) from None
         finally:  # whatever ended it: none of its processes outlives the job (a rank stuck in a collective)
             signal_group(process, SIGKILL)
         metrics = json.loads(result.read_text()) if result.is_file() else {}
@@ -127,8 +155,10 @@ def run_job_in_new_process(job: HydraConfig, script: Path) -> float:
         print("error: this job diverged (its error is above). In this sweep the job scores inf.", file=sys.stderr)
         return math.inf
     if status != 0:
-        raise JobProcessFailed(f"this job's training process exited with status {status}: see its error above "
-                               f"and {job.runtime.output_dir}/train.log")
+        raise JobProcessFailed(
+            f"this job's training process exited with status {status}: see its error above "
+            f"and {job.runtime.output_dir}/train.log"
+        )
     return sweep_score(metrics["val/loss_best"])
 
 

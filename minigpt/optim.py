@@ -69,14 +69,24 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
         if ns_steps < 1:
             raise ValueError(f"Muon ns_steps must be 1 or more, got {ns_steps}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-                        betas=tuple(betas), eps=eps, use_muon=True)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            eps=eps,
+            use_muon=True,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["use_muon"] and any(p.ndim != 2 for p in group["params"]):
                 shapes = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
-                raise ValueError(f"Muon orthogonalizes 2-D weight matrices only; got shapes {shapes}: put them in "
-                                 "a group with use_muon=False")
+                raise ValueError(
+                    f"Muon orthogonalizes 2-D weight matrices only; got shapes {shapes}: put them in "
+                    "a group with use_muon=False"
+                )
 
     @torch.no_grad()
     def step(self, closure=None):

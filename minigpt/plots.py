@@ -70,8 +70,13 @@ def attention_heads(weights: np.ndarray, tokens: list[str], title: str) -> Figur
     # Fixed margins and the characters as plain text, not tick labels: a tick is two markers, two texts and a
     # grid line, and building and laying out hundreds of them was 80% of the time this figure took to draw.
     figure = Figure(figsize=(width, height))
-    figure.subplots_adjust(left=margin_left / width, right=1 - colorbar / width, bottom=margin_bottom / height,
-                           top=1 - margin_top / height, wspace=0.15 / side)
+    figure.subplots_adjust(
+        left=margin_left / width,
+        right=1 - colorbar / width,
+        bottom=margin_bottom / height,
+        top=1 - margin_top / height,
+        wspace=0.15 / side,
+    )
     axes = figure.subplots(1, n_head, squeeze=False)[0]
     label_style = dict(fontsize=7, family="monospace", clip_on=False)
     for h, ax in enumerate(axes):
@@ -88,15 +93,21 @@ def attention_heads(weights: np.ndarray, tokens: list[str], title: str) -> Figur
     for i, label in enumerate(labels):  # queries left of the first map, shared by the heads to its right
         axes[0].text(-0.5 - 0.4, i, label, ha="right", va="center", **label_style)
     axes[0].set_ylabel("query (attending)", fontsize=8, labelpad=8 + 72 * label_inches)
-    colorbar_axes = figure.add_axes((1 - colorbar / width + 0.15 / width, margin_bottom / height,
-                                     0.12 / width, side / height))
+    colorbar_axes = figure.add_axes(
+        (1 - colorbar / width + 0.15 / width, margin_bottom / height, 0.12 / width, side / height)
+    )
     figure.colorbar(image, cax=colorbar_axes, label="attention weight")
     figure.suptitle(title)
     return figure
 
 
-def loss_curve(train: tuple[list, list], val: tuple[list, list], lr: tuple[list, list] | None, title: str,
-               lr_label: str = "learning rate") -> Figure:
+def loss_curve(
+    train: tuple[list, list],
+    val: tuple[list, list],
+    lr: tuple[list, list] | None,
+    title: str,
+    lr_label: str = "learning rate",
+) -> Figure:
     """Train and validation loss against step, each a (steps, values) pair; the learning rate on a second axis."""
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     ax = figure.add_subplot()

@@ -1,9 +1,9 @@
 """Loss curves and sweep comparisons as pictures and tables, read back from the TensorBoard events of runs.
 
-    python -m minigpt.report <run folder>        writes loss_curve.png there (train.py does it at the end of a run)
-    python -m minigpt.report <multirun folder>   writes comparison.png, comparison.md and comparison.csv there:
-                                                 each job's validation curve, labelled by its overrides, and a
-                                                 table of best val/loss, its step, wall time and tokens per second
+python -m minigpt.report <run folder>        writes loss_curve.png there (train.py does it at the end of a run)
+python -m minigpt.report <multirun folder>   writes comparison.png, comparison.md and comparison.csv there:
+                                             each job's validation curve, labelled by its overrides, and a
+                                             table of best val/loss, its step, wall time and tokens per second
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 import yaml
 
 from minigpt import plots
-
 
 # TensorBoard's directory watcher logs "No path found after <events file>" at INFO whenever it reaches the newest
 # file, which is every time a run's own events are read back: nothing a user can act on.
@@ -85,8 +84,9 @@ def write_loss_curve(scalars: dict[str, Series], path: str | Path, title: str) -
     empty = Series([], [], [])
     train, val = scalars.get("train/loss", empty), scalars.get("val/loss", empty)
     lr, lr_label = learning_rate(scalars) or (None, "learning rate")
-    figure = plots.loss_curve((train.steps, train.values), (val.steps, val.values),
-                              (lr.steps, lr.values) if lr else None, title, lr_label)
+    figure = plots.loss_curve(
+        (train.steps, train.values), (val.steps, val.values), (lr.steps, lr.values) if lr else None, title, lr_label
+    )
     return plots.save(figure, path)
 
 
@@ -150,9 +150,13 @@ def read_job(folder: Path) -> Job:
     overrides = (yaml.safe_load(record.read_text()) or []) if record.is_file() else []
     events = folder / "tensorboard"
     has_events = any(events.glob("events.out.tfevents.*"))
-    return Job(folder, [o for o in overrides if not o.startswith("hydra.")],
-               read_scalars(events)[0] if has_events else {}, process_spans(events) if has_events else [],
-               recorded_tokens_per_step(events / "hparams.yaml"))
+    return Job(
+        folder,
+        [o for o in overrides if not o.startswith("hydra.")],
+        read_scalars(events)[0] if has_events else {},
+        process_spans(events) if has_events else [],
+        recorded_tokens_per_step(events / "hparams.yaml"),
+    )
 
 
 def recorded_tokens_per_step(hparams_file: Path) -> int | None:
@@ -182,44 +186,71 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     """Write comparison.png, .md and .csv into a multirun folder; returns their paths."""
     multirun_dir = Path(multirun_dir)
     if not any(multirun_dir.glob("*/tensorboard/events.out.tfevents.*")):
-        raise FileNotFoundError(f"No job folders with TensorBoard events under {multirun_dir}: give the folder of a "
-                                "multirun (outputs/multirun/<date>/<time>) or, for one run, its own folder.")
-    folders = sorted({p.parent.parent for p in multirun_dir.glob("*/.hydra/overrides.yaml")}
-                     | {p.parent.parent for p in multirun_dir.glob("*/tensorboard/events.out.tfevents.*")},
-                     key=lambda p: (job_number(p), p.name))
+        raise FileNotFoundError(
+            f"No job folders with TensorBoard events under {multirun_dir}: give the folder of a "
+            "multirun (outputs/multirun/<date>/<time>) or, for one run, its own folder."
+        )
+    folders = sorted(
+        {p.parent.parent for p in multirun_dir.glob("*/.hydra/overrides.yaml")}
+        | {p.parent.parent for p in multirun_dir.glob("*/tensorboard/events.out.tfevents.*")},
+        key=lambda p: (job_number(p), p.name),
+    )
     jobs = [read_job(folder) for folder in folders]
     common = set.intersection(*(set(job.overrides) for job in jobs))
     labels = [" ".join(o for o in job.overrides if o not in common) or job.folder.name for job in jobs]
     shared = " ".join(sorted(common))
 
-    val = {label: (job.scalars["val/loss"].steps, job.scalars["val/loss"].values)
-           for label, job in zip(labels, jobs) if "val/loss" in job.scalars}
-    title = f"{multirun_dir.name}: val/loss per job" + ("\n" + textwrap.fill(f"common to all jobs: {shared}", 100)
-                                                          if shared else "")
+    val = {
+        label: (job.scalars["val/loss"].steps, job.scalars["val/loss"].values)
+        for label, job in zip(labels, jobs)
+        if "val/loss" in job.scalars
+    }
+    title = f"{multirun_dir.name}: val/loss per job" + (
+        "\n" + textwrap.fill(f"common to all jobs: {shared}", 100) if shared else ""
+    )
     plot = plots.save(plots.sweep_comparison(val, title), multirun_dir / "comparison.png")
 
     header = ["job", "overrides", "best val/loss", "step", "wall time (s)", "tokens/s"]
     rows = []
     for label, job in zip(labels, jobs):
         value, step = best(job.scalars.get("val/loss"))
-        rows.append([job.folder.name, label, f"{value:.4f}", str(step), f"{job.wall_time:.1f}",
-                     "nan" if math.isnan(job.tokens_per_second) else f"{job.tokens_per_second:.0f}"])
+        rows.append(
+            [
+                job.folder.name,
+                label,
+                f"{value:.4f}",
+                str(step),
+                f"{job.wall_time:.1f}",
+                "nan" if math.isnan(job.tokens_per_second) else f"{job.tokens_per_second:.0f}",
+            ]
+        )
     table_csv = multirun_dir / "comparison.csv"
     with table_csv.open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     lines = [f"# {multirun_dir}", ""] + ([f"Common to all jobs: `{shared}`", ""] if shared else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([job_link(job.folder), f"`{row[1]}`", *row[2:]]) + " |" for job, row in zip(jobs, rows)]
-    notes = [f"Job {job_link(job.folder)} wrote no events: it failed before training (its train.log says why)."
-             for job in jobs if not job.spans]
-    notes += [f"Job {job_link(job.folder)} diverged (its train.log says at which step): its best val/loss is from "
-              "before." for job in jobs if job.diverged]
-    notes += [f"Job {job_link(job.folder)} was resumed ({len(job.spans)} processes wrote its events): its overrides "
-              "are its first run's, and its wall time and tokens/s leave out the pauses between the processes."
-              for job in jobs if len(job.spans) > 1]
+    notes = [
+        f"Job {job_link(job.folder)} wrote no events: it failed before training (its train.log says why)."
+        for job in jobs
+        if not job.spans
+    ]
+    notes += [
+        f"Job {job_link(job.folder)} diverged (its train.log says at which step): its best val/loss is from before."
+        for job in jobs
+        if job.diverged
+    ]
+    notes += [
+        f"Job {job_link(job.folder)} was resumed ({len(job.spans)} processes wrote its events): its overrides "
+        "are its first run's, and its wall time and tokens/s leave out the pauses between the processes."
+        for job in jobs
+        if len(job.spans) > 1
+    ]
     if any(row[-1] == "nan" for row, job in zip(rows, jobs) if job.spans):
-        notes += ["tokens/s is nan for a job that logged fewer than two training steps (see trainer.log_every_n_steps) "
-                  "or recorded no global batch in tensorboard/hparams.yaml (runs of minigpt before it did)."]
+        notes += [
+            "tokens/s is nan for a job that logged fewer than two training steps (see trainer.log_every_n_steps) "
+            "or recorded no global batch in tensorboard/hparams.yaml (runs of minigpt before it did)."
+        ]
     lines += [""] + [f"- {note}" for note in notes] if notes else []
     table_md = multirun_dir / "comparison.md"
     table_md.write_text("\n".join(lines) + "\n")
@@ -229,13 +260,16 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
 def report(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder: give a run folder (outputs/<date>/<time>) or a multirun "
-                                "folder (outputs/multirun/<date>/<time>).")
+        raise FileNotFoundError(
+            f"{folder} is not a folder: give a run folder (outputs/<date>/<time>) or a multirun "
+            "folder (outputs/multirun/<date>/<time>)."
+        )
     if any((folder / name).is_dir() for name in ("tensorboard", ".hydra", "csv", "checkpoints")):  # a run's folder
         scalars, _ = read_scalars(folder / "tensorboard")
         if not {"train/loss", "val/loss"} & set(scalars):  # drawn, it would replace a curve with an empty chart
-            raise FileNotFoundError(f"{folder / 'tensorboard'} holds no train/loss or val/loss yet: the run stopped "
-                                    "before its first step.")
+            raise FileNotFoundError(
+                f"{folder / 'tensorboard'} holds no train/loss or val/loss yet: the run stopped before its first step."
+            )
         return [write_loss_curve(scalars, folder / "loss_curve.png", loss_curve_title(folder, scalars))]
     return compare_sweep(folder)
 

@@ -60,8 +60,10 @@ def claim(folder: Path, key: str) -> int | None:
     folder itself: nothing is written) lasts while the returned descriptor stays open, and ends with the process
     however it ends."""
     if folder.exists() and not folder.is_dir():
-        raise SystemExit(f"error: {key}={shown(str(folder))} is a file, not a folder: give a folder for the run to "
-                         "write to (or leave it out for a new dated one).")
+        raise SystemExit(
+            f"error: {key}={shown(str(folder))} is a file, not a folder: give a folder for the run to "
+            "write to (or leave it out for a new dated one)."
+        )
     if fcntl is None:  # Windows: not checked
         return None
     folder.mkdir(parents=True, exist_ok=True)

@@ -104,14 +104,17 @@ class BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         if vocab_size <= BYTES:
-            raise ValueError(f"data.vocab_size={vocab_size} is too small for a byte-level BPE: its first {BYTES} "
-                             f"tokens are the byte values, so give at least {BYTES + 1} (e.g. 4096).")
+            raise ValueError(
+                f"data.vocab_size={vocab_size} is too small for a byte-level BPE: its first {BYTES} "
+                f"tokens are the byte values, so give at least {BYTES + 1} (e.g. 4096)."
+            )
         tokenizer = Tokenizer(models.BPE())
         # no prefix space: a text is split and rejoined exactly, so decode(encode(text)) == text
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=show_progress)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress
+        )
         tokenizer.train_from_iterator(texts, trainer=trainer)
         return cls(tokenizer.to_str())
 

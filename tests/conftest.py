@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -113,14 +112,30 @@ def multirun_dir(text_file, tmp_path_factory) -> Path:
     """A real two-job Hydra multirun (adamw against sgd) of the tiny model, logging to TensorBoard and CSV."""
     sweep_dir = tmp_path_factory.mktemp("multirun")
     overrides = [o for o in TINY if not o.startswith("optimizer.")] + [
-        "trainer.max_steps=10", "trainer.val_check_interval=5", "logger=[tensorboard,csv]",
-        "~callbacks.computation_graph", "~callbacks.attention_maps", "~callbacks.text_samples"]  # only events needed
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "logger=[tensorboard,csv]",
+        "~callbacks.computation_graph",
+        "~callbacks.attention_maps",
+        "~callbacks.text_samples",
+    ]  # only events needed
     # job folders are named by the swept override only: all of them would make a name too long for the file system
     fixed = ",".join(["data.path"] + [o.split("=")[0].lstrip("~") for o in overrides])
     out = subprocess.run(
-        [sys.executable, "train.py", "-m", "optimizer=adamw,sgd", *overrides, f"data.path={text_file}",
-         f"hydra.sweep.dir={sweep_dir}", f"hydra.job.config.override_dirname.exclude_keys=[{fixed}]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "optimizer=adamw,sgd",
+            *overrides,
+            f"data.path={text_file}",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"hydra.job.config.override_dirname.exclude_keys=[{fixed}]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return sweep_dir

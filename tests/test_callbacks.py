@@ -30,8 +30,9 @@ LAYERS = ["embeddings", "h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp", "ln_f", "l
 
 @pytest.fixture(scope="module")
 def events(trained_run) -> EventAccumulator:
-    accumulator = EventAccumulator(str(trained_run[0] / "tensorboard"), size_guidance={"scalars": 0, "images": 0,
-                                                                                     "tensors": 0})
+    accumulator = EventAccumulator(
+        str(trained_run[0] / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
+    )
     accumulator.Reload()
     return accumulator
 
@@ -63,14 +64,18 @@ def test_layer_statistics(model_with_gradients):
     assert by_name["lm_head"].mean_abs == pytest.approx(float(head.abs().mean()), rel=1e-5)
     assert by_name["lm_head"].max_abs == pytest.approx(float(head.abs().max()), rel=1e-5)
     total = math.sqrt(sum(v**2 for v in grad_norms.values()))
-    assert total == pytest.approx(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))), rel=1e-5)
+    assert total == pytest.approx(
+        float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))), rel=1e-5
+    )
 
 
 def test_update_ratio_is_the_optimizers_actual_step_against_the_weights(model_with_gradients):
     model = model_with_gradients
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     logged = {}
-    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({(k, step): v for k, v in metrics.items()}))
+    logger = SimpleNamespace(
+        log_metrics=lambda metrics, step: logged.update({(k, step): v for k, v in metrics.items()})
+    )
     trainer = SimpleNamespace(global_step=9, is_global_zero=True, loggers=[logger], gradient_clip_val=None)
     module = SimpleNamespace(model=model)
     health = GradientHealth(every_n_steps=10)
@@ -128,7 +133,9 @@ def test_gradient_scalars_are_written_only_on_logging_steps(events):
     assert scales == pytest.approx([min(1.0, 1.0 / e.value) for e in events.Scalars("grad/norm_total")], rel=1e-5)
     # the per-layer norms add up to the total
     total = events.Scalars("grad/norm_total")[-1].value
-    assert math.sqrt(sum(events.Scalars(f"grad/layer/{layer}")[-1].value ** 2 for layer in LAYERS)) == pytest.approx(total, rel=1e-4)
+    assert math.sqrt(sum(events.Scalars(f"grad/layer/{layer}")[-1].value ** 2 for layer in LAYERS)) == pytest.approx(
+        total, rel=1e-4
+    )
 
 
 def test_gradient_flow_chart_is_an_image_in_tensorboard_and_the_run_folder(events, trained_run):
@@ -181,8 +188,9 @@ def test_attention_maps_label_each_key_and_query_with_its_character():
 def test_attention_colours_show_weights_spread_over_many_keys_on_one_scale_for_every_map():
     T = 64
     uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]  # each query spread evenly
-    images = [plots.attention_heads(w[None].numpy(), "x" * T, "layer 0").axes[0].images[0]
-              for w in (uniform, torch.eye(T))]
+    images = [
+        plots.attention_heads(w[None].numpy(), "x" * T, "layer 0").axes[0].images[0] for w in (uniform, torch.eye(T))
+    ]
     for image in images:  # 0 and 1 are the ends of the scale whatever the map holds: maps of two steps compare
         assert image.norm(0.0) == 0.0 and image.norm(1.0) == 1.0
     # the last query's even 1/64 gets an eighth of the colour scale, not the 1.6% a linear scale gives it
@@ -221,8 +229,10 @@ def test_graph_draws_the_first_blocks_and_says_what_it_left_out(tmp_path, monkey
     source = render_autograd_graph(model, idx, idx, tmp_path / "graph.svg", blocks).read_text()
     assert [b for b in range(3) if f"transformer.h.{b}.attn.c_attn.weight" in source] == drawn
     assert "lm_head.weight" in source and "transformer.wte.weight" in source  # the whole way from the input
-    said = {1: "through the first of 3 transformer blocks: blocks 1 to 2, the same graph, left out",
-            2: "through the first 2 of 3 transformer blocks: block 2, the same graph, left out"}
+    said = {
+        1: "through the first of 3 transformer blocks: blocks 1 to 2, the same graph, left out",
+        2: "through the first 2 of 3 transformer blocks: block 2, the same graph, left out",
+    }
     assert (said[blocks] in source) if blocks in said else "left out" not in source
     assert ("(all of them: blocks=null)" in source) == (blocks in said)
     assert model.training and model.config.n_layer == 3  # the model itself is as it was
@@ -267,7 +277,8 @@ def test_loss_curve_and_hparams_at_the_end_of_the_run(events, trained_run):
     assert events.Scalars("val/loss_best")[-1].value == pytest.approx(best)
     assert metrics["val/loss_best"] == pytest.approx(best, abs=1e-4)  # the checkpoint callback agrees
     start = plugin_data_pb2.HParamsPluginData.FromString(
-        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    ).session_start_info
     assert start.hparams["optimizer/lr"].number_value == pytest.approx(3e-3)
     assert start.hparams["model/n_layer"].number_value == 2
     assert start.hparams["data/batch_size"].number_value == 8
@@ -275,8 +286,10 @@ def test_loss_curve_and_hparams_at_the_end_of_the_run(events, trained_run):
 
 
 def test_progress_bar_counts_optimizer_steps_not_epochs(text_file, tmp_path, capsys):
-    cfg = compose_train([o for o in TINY if o != "~callbacks.progress_bar"] + [
-        f"data.path={text_file}", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none"])
+    cfg = compose_train(
+        [o for o in TINY if o != "~callbacks.progress_bar"]
+        + [f"data.path={text_file}", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none"]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train.train(cfg)
@@ -312,7 +325,10 @@ def test_early_stopping_says_when_it_stopped_a_run_and_a_resume_takes_a_new_pati
     with caplog.at_level(logging.INFO):
         metrics = train.train(cfg_tiny)
     assert metrics["step"] == 20
-    assert "Stopped early at step 20 of 100: Monitored metric val/loss did not improve in the last 1 records" in caplog.text
+    assert (
+        "Stopped early at step 20 of 100: Monitored metric val/loss did not improve in the last 1 records"
+        in caplog.text
+    )
 
     stopping = EarlyStopping(monitor="val/loss", patience=5)
     stopping.load_state_dict({**EarlyStopping(monitor="val/loss", patience=1).state_dict(), "wait_count": 1})

@@ -19,9 +19,9 @@ import minigpt.corpus as corpus
 import train
 from minigpt.corpus import TokenFile, read_chunks, tokenize_corpus
 from minigpt.data import CorpusDataModule, RandomWindows, TextDataModule, windows
-from minigpt.tokenizer import BPETokenizer, CharTokenizer, token_dtype
 from minigpt.inspect import inspect
 from minigpt.resume import check_resumable
+from minigpt.tokenizer import BPETokenizer, CharTokenizer, token_dtype
 from tests.conftest import ROOT, TINY, compose_train, make_text
 from tests.test_inspect import compose_inspect
 
@@ -42,8 +42,9 @@ def corpus_text(folder: Path) -> str:
     return (folder / "a.txt").read_text(encoding="utf-8") + (folder / "b" / "c.txt").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("vocab_size, dtype", [(65, np.uint8), (256, np.uint8), (257, np.uint16),
-                                               (65536, np.uint16), (65537, np.uint32)])
+@pytest.mark.parametrize(
+    "vocab_size, dtype", [(65, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32)]
+)
 def test_token_dtype_is_the_smallest_unsigned_type_that_holds_the_vocabulary(vocab_size, dtype):
     assert token_dtype(vocab_size) == dtype
 
@@ -142,7 +143,9 @@ def test_bpe_is_trained_locally_and_round_trips(folder, tmp_path):
     saved = got.tokens.path.parent / "tokenizer.json"
     again = BPETokenizer(saved.read_text(encoding="utf-8"))
     assert again.encode("naïve café ✓").tolist() == got.tokenizer.encode("naïve café ✓").tolist()
-    assert again.decode(again.encode("any text at all: 日本語")) == "any text at all: 日本語"  # bytes, so nothing is unknown
+    assert (
+        again.decode(again.encode("any text at all: 日本語")) == "any text at all: 日本語"
+    )  # bytes, so nothing is unknown
 
 
 def test_cutting_a_text_into_chunks_changes_no_bpe_token(tmp_path):
@@ -208,8 +211,9 @@ def test_windows_from_the_token_file_are_those_of_the_tokens_in_memory(folder, t
 
 
 def test_the_data_module_never_holds_the_corpus_in_memory(folder, tmp_path):
-    dm = CorpusDataModule(path=str(folder), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4,
-                          val_batches=2)
+    dm = CorpusDataModule(
+        path=str(folder), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4, val_batches=2
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert isinstance(dm.train_tokens, TokenFile) and isinstance(dm.val_tokens, TokenFile)
@@ -221,20 +225,25 @@ def test_the_data_module_never_holds_the_corpus_in_memory(folder, tmp_path):
     assert x.shape == y.shape == (8, 16)
     assert torch.equal(x[:, 1:], y[:, :-1])  # each target window is its input shifted by one token
     for seeds, same in [({"seed": 2}, True), ({"val_seed": 2}, False)]:  # the validation's own seed picks them
-        other = CorpusDataModule(path=str(folder), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4,
-                                 val_batches=2, **seeds)
+        other = CorpusDataModule(
+            path=str(folder), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4, val_batches=2, **seeds
+        )
         other.setup("fit")
         assert torch.equal(other.val_set.tensors[0], x) == same
     stream = iter(dm.train_dataloader())
     assert next(stream)[0].shape == (4, 16)
 
 
-def test_a_cache_that_cannot_be_written_or_is_empty_is_named_not_taken_for_a_failed_download(tmp_path, text_file,
-                                                                                              monkeypatch):
+def test_a_cache_that_cannot_be_written_or_is_empty_is_named_not_taken_for_a_failed_download(
+    tmp_path, text_file, monkeypatch
+):
     (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(ValueError, match=r"cache folder .*a_file/corpora/.* cannot be written .*data.cache_dir "
-                                         r"\(or the MINIGPT_CACHE_DIR variable\) must name a folder this user can "
-                                         r"write"):
+    with pytest.raises(
+        ValueError,
+        match=r"cache folder .*a_file/corpora/.* cannot be written .*data.cache_dir "
+        r"\(or the MINIGPT_CACHE_DIR variable\) must name a folder this user can "
+        r"write",
+    ):
         CorpusDataModule(path=str(text_file), cache_dir=str(tmp_path / "a_file"), block_size=16).setup()
     tinyshakespeare = TextDataModule(cache_dir=str(tmp_path / "a_file"), url="http://127.0.0.1:9/input.txt")
     with pytest.raises(ValueError, match=r"cache folder .*a_file/tinyshakespeare cannot be written"):
@@ -247,20 +256,33 @@ def test_a_cache_that_cannot_be_written_or_is_empty_is_named_not_taken_for_a_fai
             module(path=str(text_file), cache_dir="")
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda root: root / "missing", "does not exist"),
-    (lambda root: root, "no file matching"),  # an empty folder
-    (lambda root: (root / "short.txt").write_text("abc" * 5) and root, "15 tokens: too short for block_size=16"),
-    (lambda root: (root / "x.txt").write_bytes(b"fine text\n" * 3 + b"\xff oops") and root,  # never overwrite it
-     r"x.txt is not UTF-8 text: byte 30\b.* keeping the original: e.g. `iconv -f latin1 -t utf-8 \S*corpus/x.txt > "
-     r"\S*corpus/x.utf8.txt` .* leave the original out with data.glob"),
-    (lambda root: (root / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR") and root / "a.png",
-     r"a.png is not UTF-8 text: it holds NUL bytes, as images.*data.glob='\*\*/\*.txt'"),
-    (lambda root: (root / "u.txt").write_bytes("Notepad's Unicode\n".encode("utf-16")) and root,
-     r"u.txt is UTF-16 text, not UTF-8: .*iconv -f utf-16 -t utf-8"),
-    (lambda root: (root / "u.txt").write_bytes("no mark\n".encode("utf-16-le")) and root,  # valid UTF-8, with NULs
-     r"u.txt is not UTF-8 text: it holds NUL bytes"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: root / "missing", "does not exist"),
+        (lambda root: root, "no file matching"),  # an empty folder
+        (lambda root: (root / "short.txt").write_text("abc" * 5) and root, "15 tokens: too short for block_size=16"),
+        (
+            lambda root: (root / "x.txt").write_bytes(b"fine text\n" * 3 + b"\xff oops") and root,  # never overwrite it
+            r"x.txt is not UTF-8 text: byte 30\b.* keeping the original: e.g. `iconv -f latin1 -t utf-8 \S*corpus/x.txt > "
+            r"\S*corpus/x.utf8.txt` .* leave the original out with data.glob",
+        ),
+        (
+            lambda root: (root / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR") and root / "a.png",
+            r"a.png is not UTF-8 text: it holds NUL bytes, as images.*data.glob='\*\*/\*.txt'",
+        ),
+        (
+            lambda root: (root / "u.txt").write_bytes("Notepad's Unicode\n".encode("utf-16")) and root,
+            r"u.txt is UTF-16 text, not UTF-8: .*iconv -f utf-16 -t utf-8",
+        ),
+        (
+            lambda root: (
+                (root / "u.txt").write_bytes("no mark\n".encode("utf-16-le")) and root
+            ),  # valid UTF-8, with NULs
+            r"u.txt is not UTF-8 text: it holds NUL bytes",
+        ),
+    ],
+)
 def test_bad_sources_get_clear_errors(tmp_path, make, message):
     root = tmp_path / "corpus"
     root.mkdir()
@@ -282,26 +304,51 @@ def test_bad_settings_get_clear_errors(folder, tmp_path):
 @pytest.mark.parametrize("tokenizer", ["char", "bpe"])
 def test_train_and_sample_on_a_folder(tokenizer, folder, tmp_path):
     """The whole path: train.py data=text on a folder, then sample.py decodes from the checkpoint alone."""
-    cfg = compose_train(TINY + ["data=text", f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}",
-                                f"data.tokenizer={tokenizer}", "data.vocab_size=300", "trainer.max_steps=10",
-                                f"data.num_workers={int(tokenizer == 'char')}",  # and through a loader worker
-                                "trainer.val_check_interval=10"])
+    cfg = compose_train(
+        TINY
+        + [
+            "data=text",
+            f"data.path={folder}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.tokenizer={tokenizer}",
+            "data.vocab_size=300",
+            "trainer.max_steps=10",
+            f"data.num_workers={int(tokenizer == 'char')}",  # and through a loader worker
+            "trainer.val_check_interval=10",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path / "run")
     metrics = train.train(cfg)
     assert metrics["step"] == 10 and np.isfinite(metrics["val/loss"])
-    assert len(list((tmp_path / "run").glob("attention_layer*.png"))) == 2  # labelled with the tokens (tiny has 2 layers)
+    assert (
+        len(list((tmp_path / "run").glob("attention_layer*.png"))) == 2
+    )  # labelled with the tokens (tiny has 2 layers)
     # python -m minigpt.inspect on the same data: the gradient table of a validation batch
-    inspect_cfg = compose_inspect([f"ckpt_path={tmp_path / 'run'}", "what=grads", "data=text", f"data.path={folder}",
-                                   f"data.cache_dir={tmp_path / 'cache'}", f"data.tokenizer={tokenizer}",
-                                   "data.vocab_size=300", f"out_dir={tmp_path / 'inspect'}"])
+    inspect_cfg = compose_inspect(
+        [
+            f"ckpt_path={tmp_path / 'run'}",
+            "what=grads",
+            "data=text",
+            f"data.path={folder}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.tokenizer={tokenizer}",
+            "data.vocab_size=300",
+            f"out_dir={tmp_path / 'inspect'}",
+        ]
+    )
     assert [p.name for p in inspect(inspect_cfg)] == ["gradient_flow.png"]
     # sampling needs nothing but the checkpoint: the token file and its tokenizer are gone
     for file in (tmp_path / "cache").rglob("*"):
         if file.is_file():
             file.unlink()
-    out = subprocess.run([sys.executable, "sample.py", f"ckpt_path={tmp_path / 'run'}", "prompt=KING:",
-                          "max_new_tokens=20"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "sample.py", f"ckpt_path={tmp_path / 'run'}", "prompt=KING:", "max_new_tokens=20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("KING:") and len(out.stdout) > len("KING:")
 
@@ -326,8 +373,10 @@ def test_processes_started_together_tokenize_once(folder, tmp_path, monkeypatch)
     build = corpus.build_corpus
     monkeypatch.setattr(corpus, "build_corpus", lambda *args: builds.append(1) or build(*args))
     results = []
-    threads = [threading.Thread(target=lambda: results.append(tokenize_corpus(str(folder), tmp_path / "cache")))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(tokenize_corpus(str(folder), tmp_path / "cache")))
+        for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -337,9 +386,11 @@ def test_processes_started_together_tokenize_once(folder, tmp_path, monkeypatch)
 
 def test_loader_workers_give_the_same_stream(folder, tmp_path):
     """With workers reading ahead, batch i is still batch i: the same run with or without them."""
+
     def first_batches(num_workers: int, n: int = 5) -> list[torch.Tensor]:
-        dm = CorpusDataModule(path=str(folder), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4,
-                              num_workers=num_workers)
+        dm = CorpusDataModule(
+            path=str(folder), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4, num_workers=num_workers
+        )
         dm.setup()
         stream = iter(dm.train_dataloader())
         return [next(stream)[0] for _ in range(n)]
@@ -359,11 +410,19 @@ def test_a_sample_prompt_outside_the_corpus_is_refused_before_training(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["data=text"], "error: data=text reads data.path: give a UTF-8 text file or a folder"),
-    (["data=text", "data.path=/nonexistent/corpus"], "error: data.path=/nonexistent/corpus does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data=text"], "error: data=text reads data.path: give a UTF-8 text file or a folder"),
+        (["data=text", "data.path=/nonexistent/corpus"], "error: data.path=/nonexistent/corpus does not exist"),
+    ],
+)
 def test_the_command_line_names_what_is_missing(args, message, tmp_path):
-    out = subprocess.run([sys.executable, "train.py", *args, "trainer=cpu", f"hydra.run.dir={tmp_path}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "train.py", *args, "trainer=cpu", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr

@@ -45,7 +45,7 @@ def test_split_is_disjoint_and_ninety_ten(text_file):
     assert len(dm.train_tokens) == int(0.9 * len(text))
     assert len(dm.train_tokens) + len(dm.val_tokens) == len(text)
     # the validation split is exactly the tail: no character of it is in the training split
-    assert dm.tokenizer.decode(dm.val_tokens) == text[len(dm.train_tokens):]
+    assert dm.tokenizer.decode(dm.val_tokens) == text[len(dm.train_tokens) :]
     x, y = dm.val_set.tensors
     assert x.shape == (dm.hparams.val_batches * 4, 16)
 
@@ -119,15 +119,26 @@ def test_cached_file_with_wrong_checksum_is_kept_and_explained(tmp_path):
     assert cache_file.read_text() == "not shakespeare"  # nothing the user had is deleted
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"path": "{tmp}"}, r"data.path=.* is a folder: data=text reads a folder's files .* python train.py data=text "
-                        r"data.path="),
-    ({"train_fraction": 1}, r"data.train_fraction is the share of the text that trains, the rest validating: above "
-                            r"0 and below 1 \(0.9 by default\), got 1"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"path": "{tmp}"},
+            r"data.path=.* is a folder: data=text reads a folder's files .* python train.py data=text "
+            r"data.path=",
+        ),
+        (
+            {"train_fraction": 1},
+            r"data.train_fraction is the share of the text that trains, the rest validating: above "
+            r"0 and below 1 \(0.9 by default\), got 1",
+        ),
+    ],
+)
 def test_settings_the_text_module_cannot_take_say_what_they_mean(tmp_path, text_file, settings, message):
-    settings = {"path": str(text_file), **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v
-                                         for k, v in settings.items()}}
+    settings = {
+        "path": str(text_file),
+        **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in settings.items()},
+    }
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         TextDataModule(block_size=16, **settings).setup()
 
@@ -141,9 +152,16 @@ def test_windows_line_endings_are_read_as_newlines(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "too short"), (b"abc" * 10, "too short"), (b"\xff\xfe bad bytes" * 100, "not UTF-8"),
-     (b"\x1f\x8b\x08\0\0\0" * 100, "it holds NUL bytes.*give a text file as data.path"),  # a .gz
-     (b"\xff oops" * 10, r"keeping the original: .* > \S*corpus.utf8.txt` .*, and pass data.path=\S*corpus.utf8.txt")],
+    [
+        (b"", "too short"),
+        (b"abc" * 10, "too short"),
+        (b"\xff\xfe bad bytes" * 100, "not UTF-8"),
+        (b"\x1f\x8b\x08\0\0\0" * 100, "it holds NUL bytes.*give a text file as data.path"),  # a .gz
+        (
+            b"\xff oops" * 10,
+            r"keeping the original: .* > \S*corpus.utf8.txt` .*, and pass data.path=\S*corpus.utf8.txt",
+        ),
+    ],
 )
 def test_bad_text_files_get_clear_errors(tmp_path, content, message):
     path = tmp_path / "corpus.txt"

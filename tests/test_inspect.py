@@ -20,8 +20,9 @@ def compose_inspect(overrides):
 
 @pytest.fixture
 def inspect_cfg(trained_run, text_file, tmp_path):
-    return lambda *overrides: compose_inspect([f"ckpt_path={trained_run[0]}", f"data.path={text_file}",
-                                               f"out_dir={tmp_path}", *overrides])
+    return lambda *overrides: compose_inspect(
+        [f"ckpt_path={trained_run[0]}", f"data.path={text_file}", f"out_dir={tmp_path}", *overrides]
+    )
 
 
 def test_gradient_table_has_every_parameter(inspect_cfg, capsys, trained_run):
@@ -29,7 +30,10 @@ def test_gradient_table_has_every_parameter(inspect_cfg, capsys, trained_run):
 
     (chart,) = inspect(inspect_cfg("what=grads"))
     table = capsys.readouterr().out.splitlines()
-    names = [n for n, _ in MiniGPTModule.from_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt").model.named_parameters()]
+    names = [
+        n
+        for n, _ in MiniGPTModule.from_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt").model.named_parameters()
+    ]
     rows = {line.split()[0]: line.split() for line in table[3:]}
     assert list(rows) == names
     for name, row in rows.items():
@@ -64,13 +68,19 @@ def test_unknown_inspection_and_foreign_text_are_refused(inspect_cfg):
         inspect(inspect_cfg("what=attention", "text='ROMEO#'"))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["what=attention", "length=0"], "length must be a whole number of at least 2 tokens, got 0"),
-    (["what=graph", "length=1"], "length must be a whole number of at least 2 tokens, got 1"),
-    (["what=graph", "graph_file=graph"], "graph_file=graph: the suffix picks the picture's format, and there is none"),
-    (["what=graph", "graph_file=g.xyz"], "'xyz' is not one Graphviz draws"),
-    (["what=graph", "graph_blocks=0"], "graph_blocks=0: it is how many transformer blocks the graph draws"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["what=attention", "length=0"], "length must be a whole number of at least 2 tokens, got 0"),
+        (["what=graph", "length=1"], "length must be a whole number of at least 2 tokens, got 1"),
+        (
+            ["what=graph", "graph_file=graph"],
+            "graph_file=graph: the suffix picks the picture's format, and there is none",
+        ),
+        (["what=graph", "graph_file=g.xyz"], "'xyz' is not one Graphviz draws"),
+        (["what=graph", "graph_blocks=0"], "graph_blocks=0: it is how many transformer blocks the graph draws"),
+    ],
+)
 def test_bad_settings_are_named(inspect_cfg, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         inspect(inspect_cfg(*overrides))
@@ -86,8 +96,9 @@ def test_the_data_hint_offers_text_only_where_text_is_used(trained_run, tmp_path
     other = tmp_path / "other.txt"
     other.write_text("0123456789 " * 50)
     for what, offers_text in (("grads", False), ("attention", True)):
-        cfg = compose_inspect([f"ckpt_path={trained_run[0]}", f"data.path={other}", f"out_dir={tmp_path / 'out'}",
-                               f"what={what}"])
+        cfg = compose_inspect(
+            [f"ckpt_path={trained_run[0]}", f"data.path={other}", f"out_dir={tmp_path / 'out'}", f"what={what}"]
+        )
         with pytest.raises(ValueError, match="not the checkpoint's") as err:
             inspect(cfg)
         assert ("text=" in str(err.value)) == offers_text
@@ -133,7 +144,19 @@ def test_a_run_folder_gives_the_data_it_was_trained_on(trained_run, cfg_tiny_glo
 @pytest.mark.slow
 def test_inspect_command_line(trained_run, text_file, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "minigpt.inspect", f"ckpt_path={trained_run[0]}", f"data.path={text_file}", "what=grads",
-         f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "minigpt.inspect",
+            f"ckpt_path={trained_run[0]}",
+            f"data.path={text_file}",
+            "what=grads",
+            f"out_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mean |grad|" in out.stdout and f"wrote {tmp_path / 'gradient_flow.png'}" in out.stdout

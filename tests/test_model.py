@@ -12,8 +12,10 @@ from minigpt.model import GPT, GPTConfig, Rotary, compile_model, eager
 TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
-@pytest.fixture(params=[{}, {"rope": True}, {"qk_norm": True}, {"rope": True, "qk_norm": True}],
-                ids=["learned-positions", "rope", "qk-norm", "rope-qk-norm"])
+@pytest.fixture(
+    params=[{}, {"rope": True}, {"qk_norm": True}, {"rope": True, "qk_norm": True}],
+    ids=["learned-positions", "rope", "qk-norm", "rope-qk-norm"],
+)
 def model(request):
     """Every test of this file that takes `model` holds for each attention variant."""
     torch.manual_seed(0)
@@ -69,8 +71,12 @@ def test_sequence_longer_than_block_size_is_refused(model):
 
 @pytest.mark.parametrize(
     "sizes, message",
-    [(dict(n_embd=30, n_head=4), "divisible by n_head"), (dict(n_layer=0), "n_layer must be a positive"),
-     (dict(block_size=-1), "block_size must be a positive"), (dict(dropout=1.5), "dropout")],
+    [
+        (dict(n_embd=30, n_head=4), "divisible by n_head"),
+        (dict(n_layer=0), "n_layer must be a positive"),
+        (dict(block_size=-1), "block_size must be a positive"),
+        (dict(dropout=1.5), "dropout"),
+    ],
 )
 def test_invalid_sizes_are_refused(sizes, message):
     with pytest.raises(ValueError, match=message):

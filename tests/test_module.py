@@ -25,11 +25,18 @@ def test_module_is_built_by_hand_without_hydra():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(optimizer={"name": "lion"}), "not one of"), (dict(optimizer={"lr": 0}), "lr must be a positive number"),
-     (dict(optimizer={"name": "sgd", "betas": [0.9, 0.99]}), r"sgd does not take the setting\(s\) \['betas'\]; .* "
-      r"choose an optimizer that takes them: optimizer=adamw, optimizer=adam, optimizer=muon"),
-     (dict(optimizer={"name": "adamw", "nesterov": True}), r"choose an optimizer that takes them: optimizer=sgd,"),
-     (dict(scheduler={"name": "step"}), "not one of"), (dict(model={**SIZES, "n_head": 3}), "divisible")],
+    [
+        (dict(optimizer={"name": "lion"}), "not one of"),
+        (dict(optimizer={"lr": 0}), "lr must be a positive number"),
+        (
+            dict(optimizer={"name": "sgd", "betas": [0.9, 0.99]}),
+            r"sgd does not take the setting\(s\) \['betas'\]; .* "
+            r"choose an optimizer that takes them: optimizer=adamw, optimizer=adam, optimizer=muon",
+        ),
+        (dict(optimizer={"name": "adamw", "nesterov": True}), r"choose an optimizer that takes them: optimizer=sgd,"),
+        (dict(scheduler={"name": "step"}), "not one of"),
+        (dict(model={**SIZES, "n_head": 3}), "divisible"),
+    ],
 )
 def test_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -48,8 +55,9 @@ def test_warmup_cosine_schedule():
 def test_one_sgd_step_is_w_minus_lr_times_grad():
     torch.manual_seed(0)
     lr = 0.5
-    module = MiniGPTModule(vocab=VOCAB, model=SIZES, optimizer={"name": "sgd", "lr": lr},
-                           scheduler={"name": "constant", "warmup_steps": 0})
+    module = MiniGPTModule(
+        vocab=VOCAB, model=SIZES, optimizer={"name": "sgd", "lr": lr}, scheduler={"name": "constant", "warmup_steps": 0}
+    )
     x = torch.randint(len(VOCAB), (4, 16))
     y = torch.randint(len(VOCAB), (4, 16))
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
@@ -57,8 +65,15 @@ def test_one_sgd_step_is_w_minus_lr_times_grad():
     _, loss = module.model(x, y)
     grads = dict(zip(before, torch.autograd.grad(loss, list(module.model.parameters()))))
 
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
     for name, p in module.model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name] - lr * grads[name], rtol=1e-5, atol=1e-7)
@@ -71,10 +86,19 @@ def test_adamw_skips_weight_decay_on_biases_norms_and_embeddings():
     decay, no_decay = optimizer.param_groups
     names = {id(p): n for n, p in module.model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(names[id(p)].endswith(".weight") and "ln" not in names[id(p)] and "wte" not in names[id(p)]
-               and "wpe" not in names[id(p)] for p in decay["params"])
-    assert {names[id(p)] for p in no_decay["params"]} >= {"transformer.wte.weight", "transformer.wpe.weight",
-                                                           "transformer.ln_f.weight", "transformer.h.0.attn.c_attn.bias"}
+    assert all(
+        names[id(p)].endswith(".weight")
+        and "ln" not in names[id(p)]
+        and "wte" not in names[id(p)]
+        and "wpe" not in names[id(p)]
+        for p in decay["params"]
+    )
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.ln_f.weight",
+        "transformer.h.0.attn.c_attn.bias",
+    }
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
     assert optimizer.defaults["fused"]  # one kernel per update on the CPU too (PyTorch's CPU default loops)
 
@@ -127,9 +151,11 @@ def test_read_model_rebuilds_the_trained_model_and_tokenizer(trained_run):
 
 def test_sampling_does_not_import_lightning(trained_run):
     """sample.py reads the checkpoint without Lightning, whose import is most of its start-up on a small CPU."""
-    code = ("import sys; import sample; from minigpt.checkpoint import find_checkpoint, read_model; "
-            f"read_model(find_checkpoint({str(trained_run[0])!r}, prefer='best')); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'torchmetrics'}))")
+    code = (
+        "import sys; import sample; from minigpt.checkpoint import find_checkpoint, read_model; "
+        f"read_model(find_checkpoint({str(trained_run[0])!r}, prefer='best')); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'torchmetrics'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -137,8 +163,9 @@ def test_sampling_does_not_import_lightning(trained_run):
 
 def test_fused_adamw_with_bf16_and_gradient_clipping_trains(cfg_tiny):
     """trainer=gpu uses fused AdamW under bf16-mixed with clipping, which Lightning alone refuses; CPU has both."""
-    import train
     from omegaconf import open_dict
+
+    import train
 
     with open_dict(cfg_tiny):
         cfg_tiny.trainer.precision = "bf16-mixed"
@@ -158,11 +185,16 @@ def test_the_best_of_several_kept_checkpoints_is_the_one_the_run_recorded(tmp_pa
 
     folder = tmp_path / "moved_run" / "checkpoints"
     folder.mkdir(parents=True)
-    record = {"ModelCheckpoint{'monitor': 'val/loss'}": {"monitor": "val/loss",
-                                                         "best_model_path": "/old/place/checkpoints/step000100.ckpt"},
-              "StepCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": ""}}
-    for i, (name, content) in enumerate([("step000100.ckpt", {}), ("step000200.ckpt", {}),
-                                         ("last.ckpt", {"callbacks": record})]):
+    record = {
+        "ModelCheckpoint{'monitor': 'val/loss'}": {
+            "monitor": "val/loss",
+            "best_model_path": "/old/place/checkpoints/step000100.ckpt",
+        },
+        "StepCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": ""},
+    }
+    for i, (name, content) in enumerate(
+        [("step000100.ckpt", {}), ("step000200.ckpt", {}), ("last.ckpt", {"callbacks": record})]
+    ):
         torch.save(content, folder / name)
         os.utime(folder / name, (1000 + i, 1000 + i))  # written in this order
     assert find_checkpoint(tmp_path / "moved_run", prefer="best") == folder / "step000100.ckpt"
@@ -190,8 +222,13 @@ def test_a_resumed_runs_console_mean_goes_on_from_the_checkpoint_or_says_where_i
 
     saved, resumed = (MiniGPTModule(vocab=VOCAB, model=SIZES) for _ in range(2))
     for module in (saved, resumed):
-        module._trainer = SimpleNamespace(world_size=world_size, lr_scheduler_configs=[], accumulate_grad_batches=1,
-                                          num_devices=world_size, num_nodes=1)
+        module._trainer = SimpleNamespace(
+            world_size=world_size,
+            lr_scheduler_configs=[],
+            accumulate_grad_batches=1,
+            num_devices=world_size,
+            num_nodes=1,
+        )
     saved._train_loss_sum, saved._train_loss_count = torch.tensor(12.0), 3  # 3 steps since the last validation
     checkpoint = {"global_step": 14}
     saved.on_save_checkpoint(checkpoint)

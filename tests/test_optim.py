@@ -108,10 +108,13 @@ def test_module_gives_block_matrices_to_muon_and_the_rest_to_adamw():
     matrices, others = configured["optimizer"].param_groups
     names = {id(p): n for n, p in module.model.named_parameters()}
     assert {names[id(p)] for p in matrices["params"]} == {
-        f"transformer.h.{i}.{layer}.weight" for i in range(2)
-        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+        f"transformer.h.{i}.{layer}.weight"
+        for i in range(2)
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "transformer.ln_f.weight"} <= {
-        names[id(p)] for p in others["params"]}
+        names[id(p)] for p in others["params"]
+    }
     assert len(matrices["params"]) + len(others["params"]) == len(names)
     assert (matrices["lr"], others["lr"]) == (0.02, 3e-3)
     scheduler = configured["lr_scheduler"]["scheduler"]  # one schedule scales both learning rates
@@ -122,14 +125,22 @@ def test_module_gives_block_matrices_to_muon_and_the_rest_to_adamw():
 
 def test_muon_trains_the_model_through_lightning():
     torch.manual_seed(0)
-    module = MiniGPTModule(vocab=VOCAB, model=SIZES, optimizer={"name": "muon"},
-                           scheduler={"name": "constant", "warmup_steps": 0})
+    module = MiniGPTModule(
+        vocab=VOCAB, model=SIZES, optimizer={"name": "muon"}, scheduler={"name": "constant", "warmup_steps": 0}
+    )
     x = torch.randint(len(VOCAB), (8, 16))
     y = torch.roll(x, -1, dims=1)  # a pattern to learn: the next token is the one after it in x
     first = module.model(x, y)[1].item()
-    trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        max_steps=30,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=8))
     assert module.model(x, y)[1].item() < first - 1.0
 

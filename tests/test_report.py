@@ -38,8 +38,10 @@ def test_sweep_table_has_each_jobs_best_loss_and_throughput(trained_run, cfg_tin
     assert [r["overrides"] for r in rows] == ["optimizer=adamw", "optimizer=sgd"]  # model=tiny is common to both
     val = read_scalars(trained_run[0] / "tensorboard")[0]["val/loss"]
     best = min(val.values)
-    assert (float(rows[0]["best val/loss"]), int(rows[0]["step"])) == (pytest.approx(best, abs=1e-4),
-                                                                       val.steps[val.values.index(best)])
+    assert (float(rows[0]["best val/loss"]), int(rows[0]["step"])) == (
+        pytest.approx(best, abs=1e-4),
+        val.steps[val.values.index(best)],
+    )
     assert (float(rows[1]["best val/loss"]), int(rows[1]["step"])) == (0.5, 50)  # each row from its own job
     for row in rows:
         assert float(row["wall time (s)"]) > 0 and float(row["tokens/s"]) > 0
@@ -71,8 +73,9 @@ def test_the_loss_curves_learning_rate_is_optimizer_lrs_and_names_its_group_wher
 
 
 def test_report_explains_a_folder_without_events(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "minigpt.report", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "minigpt.report", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0 and "multirun" in out.stderr
     (tmp_path / "csv").mkdir()  # a run's own folder, made with logger=csv
     with pytest.raises(FileNotFoundError, match="No TensorBoard events in .* runs made with logger=csv"):
@@ -89,8 +92,13 @@ def test_a_multirun_jobs_loss_curve_title_wraps_its_overrides_and_keeps_its_best
 
 @pytest.mark.slow
 def test_real_sweep_compares_its_jobs(multirun_dir):
-    out = subprocess.run([sys.executable, "-m", "minigpt.report", str(multirun_dir)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "minigpt.report", str(multirun_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = list(csv.DictReader((multirun_dir / "comparison.csv").open()))
     assert [r["overrides"] for r in rows] == ["optimizer=adamw", "optimizer=sgd"]
@@ -101,7 +109,9 @@ def test_real_sweep_compares_its_jobs(multirun_dir):
     assert_is_a_picture(decode_png((multirun_dir / "comparison.png").read_bytes()), min_width=600, min_height=300)
 
 
-def test_throughput_counts_the_devices_the_run_recorded_and_is_explained_where_missing(trained_run, cfg_tiny_global, tmp_path):
+def test_throughput_counts_the_devices_the_run_recorded_and_is_explained_where_missing(
+    trained_run, cfg_tiny_global, tmp_path
+):
     """trainer=ddp says devices=-1 (every GPU): only the run itself knew how many that was."""
     from minigpt.report import read_job
 
@@ -120,12 +130,17 @@ def test_throughput_counts_the_devices_the_run_recorded_and_is_explained_where_m
     assert "tokens/s is nan for a job that" in table_md.read_text()
 
 
-def test_the_sweep_table_lists_failed_diverged_and_resumed_jobs_and_leaves_out_pauses(trained_run, cfg_tiny_global,
-                                                                                       tmp_path):
+def test_the_sweep_table_lists_failed_diverged_and_resumed_jobs_and_leaves_out_pauses(
+    trained_run, cfg_tiny_global, tmp_path
+):
     from minigpt.report import job_number, read_job
 
-    fake_sweep(trained_run, cfg_tiny_global, tmp_path, [["optimizer.lr=1e-3"], ["optimizer.lr=1e6"],
-                                                        ["optimizer.lr=3e-3"], ["optimizer.lr=-1"]])
+    fake_sweep(
+        trained_run,
+        cfg_tiny_global,
+        tmp_path,
+        [["optimizer.lr=1e-3"], ["optimizer.lr=1e6"], ["optimizer.lr=3e-3"], ["optimizer.lr=-1"]],
+    )
     _, diverged, resumed, failed = sorted(tmp_path.iterdir())
     (diverged / "train.log").write_text("error: train/loss became non-finite at step 26. ...\n")
     shutil.rmtree(failed / "tensorboard")  # as a job that stopped on a bad input before training
@@ -151,8 +166,9 @@ def test_the_sweep_table_lists_failed_diverged_and_resumed_jobs_and_leaves_out_p
     assert f"Job [{job_number(resumed)}](<{resumed.name}/>) was resumed (2 processes wrote its events)" in markdown
 
 
-def test_a_job_without_its_hydra_record_is_still_compared_and_an_empty_run_is_not_drawn(trained_run, cfg_tiny_global,
-                                                                                        tmp_path):
+def test_a_job_without_its_hydra_record_is_still_compared_and_an_empty_run_is_not_drawn(
+    trained_run, cfg_tiny_global, tmp_path
+):
     fake_sweep(trained_run, cfg_tiny_global, tmp_path, [["optimizer.lr=1e-3"], ["optimizer.lr=3e-3"]])
     first, second = sorted(tmp_path.iterdir())
     shutil.rmtree(second / ".hydra")

@@ -18,25 +18,35 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import sample
 import train
-from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.checkpoint import load_checkpoint
+from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.module import MiniGPTModule
 from tests.conftest import ROOT, TINY, compose_sample, compose_train
 
 # 24 steps of 2 accumulated batches, validated every 12 batches (6 steps), last.ckpt also every 4 steps in
 # between; dropout on, so the generator state matters as much as the sampler's; attention maps at the 1st and 4th
 # validation (steps 6 and 24), so a resume from step 12 or 16 must remember the validations before it
-RESUMABLE = [o for o in TINY if not o.startswith(("trainer.val_check_interval", "trainer.max_steps",
-                                                  "callbacks.attention_maps"))] + [
-    "trainer.max_steps=24", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=12",
-    "trainer.log_every_n_steps=2", "callbacks.step_checkpoint.every_n_train_steps=4", "model.dropout=0.1",
+RESUMABLE = [
+    o for o in TINY if not o.startswith(("trainer.val_check_interval", "trainer.max_steps", "callbacks.attention_maps"))
+] + [
+    "trainer.max_steps=24",
+    "trainer.accumulate_grad_batches=2",
+    "trainer.val_check_interval=12",
+    "trainer.log_every_n_steps=2",
+    "callbacks.step_checkpoint.every_n_train_steps=4",
+    "model.dropout=0.1",
     "callbacks.attention_maps.every_n_validations=3",
 ]
 
 
 def run_train(args: list[str], hydra_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={hydra_dir}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "train.py", *args, f"hydra.run.dir={hydra_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -70,7 +80,9 @@ def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path
     # of step 12 and resumed by file
     for name, kill_at, saved_at, by_file in [("b", 17, 16, False), ("c", 13, 12, True)]:
         run_dir = tmp_path / name
-        killed = run_train(args + ["+callbacks.kill._target_=tests.crash.SigkillAt", f"+callbacks.kill.step={kill_at}"], run_dir)
+        killed = run_train(
+            args + ["+callbacks.kill._target_=tests.crash.SigkillAt", f"+callbacks.kill.step={kill_at}"], run_dir
+        )
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
         assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == saved_at
         resume_from = run_dir / "checkpoints" / "last.ckpt" if by_file else run_dir
@@ -78,17 +90,20 @@ def test_a_killed_run_resumes_bit_for_bit_in_the_same_folder(text_file, tmp_path
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "out of order" not in resumed.stdout + resumed.stderr  # the reader's "TensorFlow restart" warning
         # the console's mean train/loss since the last validation takes in the steps before the checkpoint too
-        assert console_means(resumed) == console_means(uninterrupted)[-len(console_means(resumed)):], name
+        assert console_means(resumed) == console_means(uninterrupted)[-len(console_means(resumed)) :], name
 
         got = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         assert got["global_step"] == 24
         for key, value in expected["state_dict"].items():
             assert torch.equal(got["state_dict"][key], value), (name, key)  # the same weights, bit for bit
-        for a, b in zip(expected["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values()):
+        for a, b in zip(
+            expected["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values()
+        ):
             assert all(torch.equal(a[k], b[k]) for k in a)  # and the same Adam moments
         # the same files, and the same curve: every scalar at every step, with no step logged twice
-        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
-            sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted(
+            p.name for p in (tmp_path / "a" / "checkpoints").iterdir()
+        )
         curve, expected_curve = scalars(run_dir), scalars(tmp_path / "a")
         assert curve["val/loss"][-1] == expected_curve["val/loss"][-1]  # the same final val/loss, exactly
         assert curve == expected_curve, name
@@ -107,8 +122,9 @@ def test_a_killed_muon_run_resumes_bit_for_bit(text_file, tmp_path):
     uninterrupted = run_train(args, tmp_path / "a")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     expected = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
-    killed = run_train(args + ["+callbacks.kill._target_=tests.crash.SigkillAt", "+callbacks.kill.step=13"],
-                       tmp_path / "b")
+    killed = run_train(
+        args + ["+callbacks.kill._target_=tests.crash.SigkillAt", "+callbacks.kill.step=13"], tmp_path / "b"
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = run_train(args + [f"ckpt_path={tmp_path / 'b'}"], tmp_path / "b_resume_log")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -131,7 +147,9 @@ def test_a_run_killed_while_saving_keeps_its_last_checkpoint(trained_run, tmp_pa
     assert died.returncode == -signal.SIGKILL
     assert last.read_bytes() == before  # the old checkpoint is untouched ...
     assert MiniGPTModule.from_checkpoint(last)  # ... and loads
-    assert sorted(p.name for p in last.parent.glob("*.ckpt")) == sorted(p.name for p in (trained_run[0] / "checkpoints").glob("*.ckpt"))
+    assert sorted(p.name for p in last.parent.glob("*.ckpt")) == sorted(
+        p.name for p in (trained_run[0] / "checkpoints").glob("*.ckpt")
+    )
 
 
 def test_checkpoints_are_replaced_atomically_and_leave_no_temporary_files(tmp_path):
@@ -159,8 +177,9 @@ def test_truncated_checkpoints_get_an_error_naming_the_file(trained_run, tmp_pat
         train.train(cfg_tiny)
     with pytest.raises(ValueError, match="truncated.ckpt.*truncated, damaged"):
         AtomicCheckpointIO().load_checkpoint(truncated)
-    out = subprocess.run([sys.executable, "sample.py", f"ckpt_path={truncated}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "sample.py", f"ckpt_path={truncated}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: Could not load checkpoint") and str(truncated) in out.stderr
 
@@ -211,13 +230,27 @@ def test_checkpoints_load_without_unpickling_any_class_and_hold_what_a_resume_ne
     assert checkpoint["val_loss_best"] == pytest.approx(min(v for _, v in scalars(trained_run[0])["val/loss"]))
 
 
-@pytest.mark.parametrize("overrides, last_step", [
-    (["trainer.max_steps=27"], 27),  # past the validation at 20, before any step checkpoint: saved at the end
-    (["trainer.max_steps=20", "~callbacks.model_checkpoint", "callbacks.step_checkpoint.every_n_train_steps=5"], 20),
-])
+@pytest.mark.parametrize(
+    "overrides, last_step",
+    [
+        (["trainer.max_steps=27"], 27),  # past the validation at 20, before any step checkpoint: saved at the end
+        (
+            ["trainer.max_steps=20", "~callbacks.model_checkpoint", "callbacks.step_checkpoint.every_n_train_steps=5"],
+            20,
+        ),
+    ],
+)
 def test_last_ckpt_holds_the_last_step_whatever_the_intervals(overrides, last_step, text_file, tmp_path):
-    cfg = compose_train(TINY + [f"data.path={text_file}", "~callbacks.computation_graph", "~callbacks.attention_maps",
-                                "~callbacks.text_samples", *overrides])
+    cfg = compose_train(
+        TINY
+        + [
+            f"data.path={text_file}",
+            "~callbacks.computation_graph",
+            "~callbacks.attention_maps",
+            "~callbacks.text_samples",
+            *overrides,
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train.train(cfg)
@@ -225,8 +258,10 @@ def test_last_ckpt_holds_the_last_step_whatever_the_intervals(overrides, last_st
 
 
 def test_a_run_without_checkpoint_callbacks_writes_no_checkpoint(text_file, tmp_path):
-    cfg = compose_train([o for o in TINY if not o.startswith(("~callbacks", "callbacks"))]
-                        + [f"data.path={text_file}", "callbacks=none", "trainer.max_steps=20"])
+    cfg = compose_train(
+        [o for o in TINY if not o.startswith(("~callbacks", "callbacks"))]
+        + [f"data.path={text_file}", "callbacks=none", "trainer.max_steps=20"]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train.train(cfg)
@@ -248,15 +283,33 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "file.bin").stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("step, said", [
-    (25, "Interrupted at step 25; the last checkpoint is from step 20. Resume with: python train.py ckpt_path={run}"),
-    (5, "Interrupted at step 5, before the run saved a checkpoint: there is nothing to resume. Start again in a new "
-        "folder (or delete {run} first)"),
-])
+@pytest.mark.parametrize(
+    "step, said",
+    [
+        (
+            25,
+            "Interrupted at step 25; the last checkpoint is from step 20. Resume with: python train.py ckpt_path={run}",
+        ),
+        (
+            5,
+            "Interrupted at step 5, before the run saved a checkpoint: there is nothing to resume. Start again in a new "
+            "folder (or delete {run} first)",
+        ),
+    ],
+)
 def test_ctrl_c_says_how_to_resume_or_that_there_is_nothing_to_resume(step, said, text_file, tmp_path, caplog):
-    cfg = compose_train(TINY + [f"data.path={text_file}", "~callbacks.computation_graph", "~callbacks.attention_maps",
-                                "~callbacks.text_samples", "callbacks.step_checkpoint.every_n_train_steps=10",
-                                "+callbacks.interrupt._target_=tests.crash.InterruptAt", f"+callbacks.interrupt.step={step}"])
+    cfg = compose_train(
+        TINY
+        + [
+            f"data.path={text_file}",
+            "~callbacks.computation_graph",
+            "~callbacks.attention_maps",
+            "~callbacks.text_samples",
+            "callbacks.step_checkpoint.every_n_train_steps=10",
+            "+callbacks.interrupt._target_=tests.crash.InterruptAt",
+            f"+callbacks.interrupt.step={step}",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     with caplog.at_level("INFO", logger="train"), pytest.raises(SystemExit):
@@ -266,8 +319,9 @@ def test_ctrl_c_says_how_to_resume_or_that_there_is_nothing_to_resume(step, said
         assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 20
 
 
-def test_a_checkpoint_from_before_val_loss_best_and_val_seed_resumes_with_its_best_and_windows(trained_run, cfg_tiny,
-                                                                                                caplog):
+def test_a_checkpoint_from_before_val_loss_best_and_val_seed_resumes_with_its_best_and_windows(
+    trained_run, cfg_tiny, caplog
+):
     run = Path(cfg_tiny.run_dir) / "old"
     shutil.copytree(trained_run[0], run)
     last = run / "checkpoints" / "last.ckpt"
@@ -308,8 +362,11 @@ def test_going_on_from_an_older_checkpoint_of_a_run_that_went_on_is_refused(trai
     torch.save(dict(older), run / "checkpoints" / "step000020.ckpt")
     with open_dict(cfg_tiny):
         cfg_tiny.ckpt_path = str(run / "checkpoints" / "step000020.ckpt")
-    with pytest.raises(ValueError, match=r"is at step 20, but its run went on to step 40 \(last.ckpt\): going on from "
-                                         r"it in .* would cut steps 21-40 .* Resume the run where it stopped with"):
+    with pytest.raises(
+        ValueError,
+        match=r"is at step 20, but its run went on to step 40 \(last.ckpt\): going on from "
+        r"it in .* would cut steps 21-40 .* Resume the run where it stopped with",
+    ):
         resume.resume_point(cfg_tiny)
     shutil.copy(run / "checkpoints" / "step000020.ckpt", run / "branch.ckpt")  # copied out: a new run from it
     with open_dict(cfg_tiny):
@@ -317,8 +374,9 @@ def test_going_on_from_an_older_checkpoint_of_a_run_that_went_on_is_refused(trai
     assert resume.resume_point(cfg_tiny)[1]["global_step"] == 20 and cfg_tiny.run_dir == str(run / "new")
 
 
-def test_resuming_on_other_data_is_refused_and_the_same_file_spelled_otherwise_is_not(trained_run, cfg_tiny,
-                                                                                     monkeypatch, tmp_path, caplog):
+def test_resuming_on_other_data_is_refused_and_the_same_file_spelled_otherwise_is_not(
+    trained_run, cfg_tiny, monkeypatch, tmp_path, caplog
+):
     from minigpt import resume
 
     checkpoint = load_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt")
@@ -333,8 +391,10 @@ def test_resuming_on_other_data_is_refused_and_the_same_file_spelled_otherwise_i
     monkeypatch.chdir(trained_on.parent)
     cfg_tiny.data.path = trained_on.name  # relative: the same file
     resume.check_same_data(cfg_tiny, checkpoint, Path("last.ckpt"))
-    moved = dict(checkpoint, datamodule_hyper_parameters={**checkpoint["datamodule_hyper_parameters"],
-                                                          "path": "/elsewhere/input.txt"})  # the run came from elsewhere
+    moved = dict(
+        checkpoint,
+        datamodule_hyper_parameters={**checkpoint["datamodule_hyper_parameters"], "path": "/elsewhere/input.txt"},
+    )  # the run came from elsewhere
     with caplog.at_level(logging.WARNING):
         resume.check_same_data(cfg_tiny, moved, Path("last.ckpt"))
     assert "read data.path=/elsewhere/input.txt, which is not here" in caplog.text
@@ -360,13 +420,17 @@ def test_a_resume_on_other_numbers_of_devices_or_accumulated_batches_is_warned_a
     checkpoint = load_checkpoint(trained_run[0] / "checkpoints" / "last.ckpt")  # one process, no accumulation
     assert checkpoint["global_batch"] == {"accumulate_grad_batches": 1, "devices": 1, "num_nodes": 1}
     with caplog.at_level(logging.WARNING):
-        resume.warn_of_changed_global_batch(checkpoint, SimpleNamespace(accumulate_grad_batches=1, num_devices=1,
-                                                                        num_nodes=1))
+        resume.warn_of_changed_global_batch(
+            checkpoint, SimpleNamespace(accumulate_grad_batches=1, num_devices=1, num_nodes=1)
+        )
         assert not caplog.records
-        resume.warn_of_changed_global_batch(checkpoint, SimpleNamespace(accumulate_grad_batches=2, num_devices=4,
-                                                                        num_nodes=1))
-    assert ("accumulate_grad_batches=1 then, 2 now; devices=1 then, 4 now. Each step learns from data.batch_size "
-            "x 8 windows now, x 1 then") in caplog.text
+        resume.warn_of_changed_global_batch(
+            checkpoint, SimpleNamespace(accumulate_grad_batches=2, num_devices=4, num_nodes=1)
+        )
+    assert (
+        "accumulate_grad_batches=1 then, 2 now; devices=1 then, 4 now. Each step learns from data.batch_size "
+        "x 8 windows now, x 1 then"
+    ) in caplog.text
 
 
 def test_a_run_on_windows_line_endings_from_before_they_read_as_newlines_is_told_why_it_cannot_resume():
@@ -375,8 +439,11 @@ def test_a_run_on_windows_line_endings_from_before_they_read_as_newlines_is_told
     sizes = dict(n_layer=1, n_head=1, n_embd=8, block_size=8)
     now = MiniGPTModule(vocab="\n ab", model=sizes)
     checkpoint = {"hyper_parameters": {"vocab": "\n\r ab", "model": sizes, "optimizer": dict(now.hparams.optimizer)}}
-    with pytest.raises(ValueError, match=r"only in the checkpoint: '\\r'.* reads Windows' line endings \(\\r\\n\) as "
-                                         r"newlines"):
+    with pytest.raises(
+        ValueError,
+        match=r"only in the checkpoint: '\\r'.* reads Windows' line endings \(\\r\\n\) as "
+        r"newlines",
+    ):
         resume.check_resumable(checkpoint, now, Path("old.ckpt"))
 
 
@@ -391,7 +458,7 @@ def test_a_text_edited_in_place_since_the_checkpoint_is_warned_about(trained_run
     same.setup()
     edited_file = tmp_path / "edited.txt"
     text = text_file.read_text(encoding="utf-8")
-    edited_file.write_text(text[len(text) // 2:] + text[: len(text) // 2], encoding="utf-8")  # same characters
+    edited_file.write_text(text[len(text) // 2 :] + text[: len(text) // 2], encoding="utf-8")  # same characters
     edited = TextDataModule(**{**recorded, "path": str(edited_file)})
     edited.setup()
     with caplog.at_level(logging.WARNING):
@@ -411,7 +478,7 @@ def test_train_py_warns_of_a_text_edited_in_place_since_its_checkpoint(cfg_tiny,
         cfg_tiny.data.path, cfg_tiny.trainer.max_steps, cfg_tiny.trainer.val_check_interval = str(corpus_file), 4, 4
         cfg_tiny.run_dir = str(tmp_path / "run")
     train.train(cfg_tiny)
-    corpus_file.write_text(text[len(text) // 2:] + text[: len(text) // 2], encoding="utf-8")  # edited in place
+    corpus_file.write_text(text[len(text) // 2 :] + text[: len(text) // 2], encoding="utf-8")  # edited in place
     with open_dict(cfg_tiny):
         cfg_tiny.ckpt_path, cfg_tiny.trainer.max_steps = str(tmp_path / "run"), 5
     with caplog.at_level(logging.WARNING):
@@ -419,8 +486,9 @@ def test_train_py_warns_of_a_text_edited_in_place_since_its_checkpoint(cfg_tiny,
     assert "The text changed since the checkpoint was saved" in caplog.text
 
 
-def test_a_resume_with_a_longer_schedule_trains_its_first_step_at_the_new_schedules_rate(trained_run, cfg_tiny,
-                                                                                          tmp_path_factory):
+def test_a_resume_with_a_longer_schedule_trains_its_first_step_at_the_new_schedules_rate(
+    trained_run, cfg_tiny, tmp_path_factory
+):
     from minigpt.module import warmup_cosine
     from minigpt.report import read_scalars
 
@@ -447,6 +515,9 @@ def test_a_folder_of_runs_given_as_ckpt_path_names_the_runs_inside(trained_run, 
 
     for job in ("0_optimizer=adamw", "1_optimizer=sgd"):  # a multirun's folder
         shutil.copytree(trained_run[0] / "checkpoints", tmp_path / job / "checkpoints")
-    with pytest.raises(FileNotFoundError, match=rf"No checkpoint in {tmp_path} itself: it holds the folders of 2 runs "
-                                                rf"with checkpoints \({tmp_path}/0_optimizer=adamw, "):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"No checkpoint in {tmp_path} itself: it holds the folders of 2 runs "
+        rf"with checkpoints \({tmp_path}/0_optimizer=adamw, ",
+    ):
         find_checkpoint(tmp_path)

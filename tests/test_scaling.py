@@ -24,8 +24,8 @@ import train
 from minigpt import multirun
 from minigpt.callbacks.batch_fingerprints import fingerprint
 from minigpt.callbacks.divergence import NonFiniteLossError, StopOnNonFiniteLoss
-from minigpt.data import RandomWindows
 from minigpt.checkpoint import load_checkpoint
+from minigpt.data import RandomWindows
 from minigpt.module import MiniGPTModule
 from minigpt.report import read_scalars
 from tests.conftest import CONF, ROOT, TINY, compose_train
@@ -33,8 +33,13 @@ from tests.conftest import CONF, ROOT, TINY, compose_train
 DDP = [o for o in TINY if o != "trainer=cpu"] + ["trainer=ddp_cpu"]  # two processes over gloo
 # What a sweep's jobs need: no pictures or samples (their drawing is tested elsewhere), fewer steps.
 SWEEP = [o for o in TINY if not o.startswith(("trainer", "callbacks."))] + [
-    "trainer.max_steps=10", "trainer.val_check_interval=5", "trainer.log_every_n_steps=5",
-    "~callbacks.computation_graph", "~callbacks.attention_maps", "~callbacks.text_samples"]
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=5",
+    "trainer.log_every_n_steps=5",
+    "~callbacks.computation_graph",
+    "~callbacks.attention_maps",
+    "~callbacks.text_samples",
+]
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
@@ -64,17 +69,35 @@ def test_only_runs_whose_processes_lightning_starts_leave_a_multirun_job(cfg_tin
     assert restarts("trainer=ddp_cpu")  # Lightning would run train.py again for rank 1
     assert not restarts("trainer=cpu") and not restarts("trainer=ddp_cpu", "trainer.devices=1")
     # under torchrun (or SLURM) every process is started by the launcher: the job trains where it is
-    for name, value in {"TORCHELASTIC_RUN_ID": "1", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": "2",
-                        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+    for name, value in {
+        "TORCHELASTIC_RUN_ID": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }.items():
         monkeypatch.setenv(name, value)
     assert not restarts("trainer=ddp_cpu")
 
 
 def test_a_multirun_job_becomes_a_single_run_with_the_jobs_overrides_in_the_jobs_folder():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        job = compose(config_name="train", return_hydra_config=True, overrides=[
-            "hparams_search=lr_wd", "trainer=ddp_cpu", "optimizer.lr=0.001", "hydra.mode=MULTIRUN",
-            "hydra/launcher=basic", "hydra.sweep.dir=/sweep", "hydra.verbose=true"]).hydra
+        job = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=[
+                "hparams_search=lr_wd",
+                "trainer=ddp_cpu",
+                "optimizer.lr=0.001",
+                "hydra.mode=MULTIRUN",
+                "hydra/launcher=basic",
+                "hydra.sweep.dir=/sweep",
+                "hydra.verbose=true",
+            ],
+        ).hydra
         with open_dict(job):
             job.runtime.output_dir = "/sweep/0_optimizer.lr=0.001,trainer=ddp_cpu"
         command = multirun.job_command(job, ROOT / "train.py")
@@ -123,9 +146,14 @@ def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resu
     import time
 
     (tmp_path / "job.py").write_text(CTRL_C_JOB)
-    sweep = subprocess.Popen([sys.executable, "-c", CTRL_C_SWEEP, str(tmp_path / "job.py"), str(tmp_path / "0_job")],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)  # a process group of its own, as a terminal's foreground job
+    sweep = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SWEEP, str(tmp_path / "job.py"), str(tmp_path / "0_job")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # a process group of its own, as a terminal's foreground job
     started = [sweep.stdout.readline()]
     while "job: started" not in started[-1]:  # the sweep's own log lines come first
         assert started[-1], "the job did not start: " + "".join(started)
@@ -147,11 +175,18 @@ def test_ctrl_c_in_a_sweep_lets_the_job_in_its_own_process_say_where_it_can_resu
 def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them():
     """A rank whose own losses were finite still stops, at the step another rank reported: none is left waiting."""
     model = torch.nn.Linear(2, 2)
-    pl_module = SimpleNamespace(device=torch.device("cpu"), parameters=model.parameters,
-                                named_parameters=model.named_parameters)
+    pl_module = SimpleNamespace(
+        device=torch.device("cpu"), parameters=model.parameters, named_parameters=model.named_parameters
+    )
     other_rank_saw = torch.tensor(7)
-    trainer = SimpleNamespace(world_size=2, global_step=9, checkpoint_callbacks=[], strategy=SimpleNamespace(
-        reduce=lambda mine, reduce_op: torch.minimum(mine, other_rank_saw) if reduce_op == "min" else None))
+    trainer = SimpleNamespace(
+        world_size=2,
+        global_step=9,
+        checkpoint_callbacks=[],
+        strategy=SimpleNamespace(
+            reduce=lambda mine, reduce_op: torch.minimum(mine, other_rank_saw) if reduce_op == "min" else None
+        ),
+    )
     callback = StopOnNonFiniteLoss(check_every_n_steps=10)
     for step in (8, 9):  # this rank's losses: finite
         trainer.global_step = step
@@ -163,8 +198,11 @@ def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them(
 
 @pytest.mark.parametrize("devices", [-1, 0, 1.0, "two"])
 def test_a_number_of_cpu_processes_that_is_not_a_whole_number_above_0_is_refused_with_what_it_means(devices):
-    with pytest.raises(ValueError, match=r"trainer.devices=.*: on the CPU it is how many processes train .* -1 \(every "
-                                         r"device\) is for GPUs"):
+    with pytest.raises(
+        ValueError,
+        match=r"trainer.devices=.*: on the CPU it is how many processes train .* -1 \(every "
+        r"device\) is for GPUs",
+    ):
         train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": devices}))
 
 
@@ -172,14 +210,20 @@ def test_settings_that_do_not_match_the_processes_torchrun_started_name_the_ones
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun --nnodes=2 --nproc-per-node=1
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"torchrun started 1 processes per node on 2 node\(s\), which "
-                                         r"trainer.devices=2 trainer.num_nodes=1 do not match: give "
-                                         r"trainer.devices=1 trainer.num_nodes=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"torchrun started 1 processes per node on 2 node\(s\), which "
+        r"trainer.devices=2 trainer.num_nodes=1 do not match: give "
+        r"trainer.devices=1 trainer.num_nodes=2",
+    ):
         train.check_torchrun_processes(OmegaConf.create({"devices": 2, "num_nodes": 1}))
     train.check_torchrun_processes(OmegaConf.create({"devices": 1, "num_nodes": 2}))
     train.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 2}))  # every GPU: Lightning counts
-    with pytest.raises(ValueError, match=r"trainer.devices=-1 trainer.num_nodes=1 do not match: give trainer.devices=1 "
-                                         r"trainer.num_nodes=2"):  # trainer=ddp without the nodes torchrun has
+    with pytest.raises(
+        ValueError,
+        match=r"trainer.devices=-1 trainer.num_nodes=1 do not match: give trainer.devices=1 "
+        r"trainer.num_nodes=2",
+    ):  # trainer=ddp without the nodes torchrun has
         train.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 1}))
 
 
@@ -194,13 +238,19 @@ def test_more_cpu_processes_than_cores_are_warned_about(monkeypatch, caplog):
 
 def test_more_gpus_than_there_are_and_missing_plugins_get_clear_messages(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ValueError, match=r"trainer.devices=4 asks for 4 GPUs, but PyTorch sees 2 .* trainer.devices=-1"):
+    with pytest.raises(
+        ValueError, match=r"trainer.devices=4 asks for 4 GPUs, but PyTorch sees 2 .* trainer.devices=-1"
+    ):
         train.check_gpus(OmegaConf.create({"accelerator": "gpu", "devices": 4}))
     train.check_gpus(OmegaConf.create({"accelerator": "gpu", "devices": -1}))  # every GPU there is
     monkeypatch.setattr(multirun, "is_installed", lambda module: False)
-    with pytest.raises(SystemExit, match=r"hparams_search=lr_wd needs the Hydra plugin hydra_optuna_sweeper.*\.\[search\]"):
+    with pytest.raises(
+        SystemExit, match=r"hparams_search=lr_wd needs the Hydra plugin hydra_optuna_sweeper.*\.\[search\]"
+    ):
         multirun.check_plugins(["model=tiny", "hparams_search=lr_wd"])
-    with pytest.raises(SystemExit, match=r"hydra/launcher=slurm needs the Hydra plugin hydra_submitit_launcher.*\.\[slurm\]"):
+    with pytest.raises(
+        SystemExit, match=r"hydra/launcher=slurm needs the Hydra plugin hydra_submitit_launcher.*\.\[slurm\]"
+    ):
         multirun.check_plugins(["hydra/launcher=slurm"])
     multirun.check_plugins(["model=tiny", "trainer=ddp_cpu"])  # nothing to check
     monkeypatch.setattr(multirun, "is_installed", lambda module: True)
@@ -211,8 +261,11 @@ def test_more_gpus_than_there_are_and_missing_plugins_get_clear_messages(monkeyp
 
 def test_the_slurm_launcher_asks_for_one_task_per_gpu_on_trainer_num_nodes_nodes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
-            "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=8"])
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=8"],
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
@@ -221,8 +274,9 @@ def test_the_slurm_launcher_asks_for_one_task_per_gpu_on_trainer_num_nodes_nodes
 @pytest.mark.parametrize("trainer", ["gpu", "cpu", "ddp_cpu", "default"])
 def test_every_trainer_runs_on_one_node_unless_told_and_takes_num_nodes_without_a_plus(trainer):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # README: a sweep of one-GPU SLURM jobs
-        one = compose(config_name="train", return_hydra_config=True, overrides=["hydra/launcher=slurm",
-                                                                                f"trainer={trainer}"])
+        one = compose(
+            config_name="train", return_hydra_config=True, overrides=["hydra/launcher=slurm", f"trainer={trainer}"]
+        )
         two = compose(config_name="train", overrides=[f"trainer={trainer}", "trainer.num_nodes=2"])
     assert one.hydra.launcher.nodes == one.trainer.num_nodes == 1 and two.trainer.num_nodes == 2
 
@@ -233,17 +287,23 @@ def test_other_ranks_get_no_log_file_and_other_logging_choices_replace_rank_zero
         disabled = compose(config_name="train", return_hydra_config=True, overrides=["hydra/job_logging=disabled"])
     assert "handlers" not in disabled.hydra.job_logging  # nothing of ours is left to configure
     settings = OmegaConf.to_container(ours.hydra)  # unresolved: the run folder is not known yet
-    settings = OmegaConf.create({"level": settings["job_logging"]["root"]["level"],
-                                 "output_subdir": settings["output_subdir"],
-                                 "file": settings["job_logging"]["handlers"]["file"]["filename"]
-                                 .replace("${hydra.runtime.output_dir}/${hydra.job.name}", "run/train")})
+    settings = OmegaConf.create(
+        {
+            "level": settings["job_logging"]["root"]["level"],
+            "output_subdir": settings["output_subdir"],
+            "file": settings["job_logging"]["handlers"]["file"]["filename"].replace(
+                "${hydra.runtime.output_dir}/${hydra.job.name}", "run/train"
+            ),
+        }
+    )
     assert (settings.file, settings.level, settings.output_subdir) == ("run/train.log", "INFO", ".hydra")
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     assert (settings.file, settings.level, settings.output_subdir) == ("/dev/null", "WARNING", None)
 
 
-def test_other_ranks_refuse_a_folder_with_an_earlier_runs_checkpoints_and_leave_the_rest_to_rank_zero(monkeypatch,
-                                                                                                          tmp_path):
+def test_other_ranks_refuse_a_folder_with_an_earlier_runs_checkpoints_and_leave_the_rest_to_rank_zero(
+    monkeypatch, tmp_path
+):
     from minigpt.run_folder import RefuseUsedRunFolder
 
     monkeypatch.setattr(rank_zero_only, "rank", 1)  # as under srun, where every rank starts at once
@@ -272,8 +332,10 @@ def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resume
     cfg = compose_train(DDP + whole_split + [f"data.path={text_file}"])
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup()
-    expected = [f"{fingerprint(next(iter(RandomWindows(datamodule.train_tokens, 16, 6, cfg.seed, rank)))[0]):016x}"
-                for rank in (0, 1)]
+    expected = [
+        f"{fingerprint(next(iter(RandomWindows(datamodule.train_tokens, 16, 6, cfg.seed, rank)))[0]):016x}"
+        for rank in (0, 1)
+    ]
     assert rank_fingerprints(run_dir / "train.log") == expected and expected[0] != expected[1]
 
     # one set of outputs: rank 1 wrote no log, .hydra, events, checkpoints or pictures of its own
@@ -282,8 +344,16 @@ def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resume
     assert log.count("Finished at step 40") == 1 and "[rank: 1]" not in log
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     written = {p.name for p in run_dir.iterdir()} - {"graph.svg", "graph.dot"}  # graph.dot where Graphviz is missing
-    assert sorted(written) == [".hydra", "attention_layer0.png", "attention_layer1.png", "checkpoints",
-                               "gradient_flow.png", "loss_curve.png", "tensorboard", "train.log"]
+    assert sorted(written) == [
+        ".hydra",
+        "attention_layer0.png",
+        "attention_layer1.png",
+        "checkpoints",
+        "gradient_flow.png",
+        "loss_curve.png",
+        "tensorboard",
+        "train.log",
+    ]
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     hparams = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())
     assert hparams["global_batch"] == {"windows": 12, "tokens": 192, "devices": 2, "num_nodes": 1}
@@ -299,7 +369,9 @@ def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resume
     assert dict(zip(logged.steps, logged.values))[40] == pytest.approx(expected_loss, abs=1e-5)
 
     # the DDP checkpoint resumes on one process, in the same folder
-    resume = compose_train(TINY + whole_split + [f"data.path={text_file}", f"ckpt_path={run_dir}", "trainer.max_steps=60"])
+    resume = compose_train(
+        TINY + whole_split + [f"data.path={text_file}", f"ckpt_path={run_dir}", "trainer.max_steps=60"]
+    )
     with open_dict(resume):
         resume.run_dir = str(tmp_path / "unused")
     metrics = train.train(resume)
@@ -312,16 +384,31 @@ def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resume
 def test_a_submitit_sweep_runs_its_ddp_job_as_a_run_of_its_own_and_each_job_once(text_file, tmp_path):
     """A DDP job and a one-process job through the local submitit launcher: the DDP job becomes a run of its own
     whose rank 1 Lightning starts, without starting the sweep again (Lightning issue #11300)."""
-    out = run(["-m", "hydra/launcher=submitit_local", "trainer=ddp_cpu,cpu", *SWEEP, f"data.path={text_file}",
-               f"hydra.sweep.dir={tmp_path}", short_job_names(SWEEP)])
+    out = run(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "trainer=ddp_cpu,cpu",
+            *SWEEP,
+            f"data.path={text_file}",
+            f"hydra.sweep.dir={tmp_path}",
+            short_job_names(SWEEP),
+        ]
+    )
     assert out.stdout.count("Submitit 'local' sweep output dir") == 1
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [j.name for j in jobs] == ["0_trainer=ddp_cpu", "1_trainer=cpu"]
     logs = [p.read_text() for p in (tmp_path / ".submitit").rglob("*_log.*")]
     assert len(logs) == 4 and not any("sweep output dir" in text or "Launching" in text for text in logs)
     for job, processes in zip(jobs, (2, 1)):
-        assert sorted(p.name for p in job.iterdir()) == [".hydra", "checkpoints", "gradient_flow.png", "loss_curve.png",
-                                                         "tensorboard", "train.log"]
+        assert sorted(p.name for p in job.iterdir()) == [
+            ".hydra",
+            "checkpoints",
+            "gradient_flow.png",
+            "loss_curve.png",
+            "tensorboard",
+            "train.log",
+        ]
         log = (job / "train.log").read_text()
         assert ("Running this job as a run of its own" in log) == (processes > 1)  # one process trains in place
         assert f"x {processes} devices" in log and log.count("Finished at step 10") == 1
@@ -332,16 +419,32 @@ def test_a_submitit_sweep_runs_its_ddp_job_as_a_run_of_its_own_and_each_job_once
 @pytest.mark.slow
 def test_an_optuna_search_of_three_trials_returns_the_best_trial(text_file, tmp_path):
     overrides = [o for o in TINY if not o.startswith(("optimizer.", "callbacks."))] + [
-        "trainer.max_steps=10", "trainer.val_check_interval=5", "logger=csv", "~callbacks.computation_graph",
-        "~callbacks.attention_maps", "~callbacks.text_samples"]
-    run(["hparams_search=lr_wd", "hydra.sweeper.n_trials=3", *overrides, f"data.path={text_file}",
-         f"hydra.sweep.dir={tmp_path}", short_job_names(overrides + ["hparams_search"])])
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "logger=csv",
+        "~callbacks.computation_graph",
+        "~callbacks.attention_maps",
+        "~callbacks.text_samples",
+    ]
+    run(
+        [
+            "hparams_search=lr_wd",
+            "hydra.sweeper.n_trials=3",
+            *overrides,
+            f"data.path={text_file}",
+            f"hydra.sweep.dir={tmp_path}",
+            short_job_names(overrides + ["hparams_search"]),
+        ]
+    )
     trials = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(trials) == 3
     best_val_loss = {}
     for trial in trials:
-        params = dict(o.split("=") for o in yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text())
-                      if o.startswith("optimizer."))
+        params = dict(
+            o.split("=")
+            for o in yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text())
+            if o.startswith("optimizer.")
+        )
         assert 1e-4 <= float(params["optimizer.lr"]) <= 3e-2 and 0 <= float(params["optimizer.weight_decay"]) <= 0.2
         with open(trial / "csv" / "metrics.csv") as f:
             best_val_loss[trial.name] = min(float(row["val/loss"]) for row in csv.DictReader(f) if row["val/loss"])
@@ -355,11 +458,24 @@ def test_an_optuna_search_of_three_trials_returns_the_best_trial(text_file, tmp_
 @pytest.mark.slow
 def test_diverged_trials_score_inf_and_the_search_goes_on(text_file, tmp_path):
     overrides = [o for o in TINY if not o.startswith(("optimizer.", "callbacks."))] + [
-        "trainer.max_steps=10", "trainer.val_check_interval=5", "logger=csv", "~callbacks.computation_graph",
-        "~callbacks.attention_maps", "~callbacks.text_samples"]
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "logger=csv",
+        "~callbacks.computation_graph",
+        "~callbacks.attention_maps",
+        "~callbacks.text_samples",
+    ]
     search = ["hydra.sweeper.params={optimizer.lr:'interval(1e5,1e6)'}", "hydra.sweeper.n_trials=2"]  # all diverge
-    out = run(["hparams_search=lr_wd", *search, *overrides, f"data.path={text_file}", f"hydra.sweep.dir={tmp_path}",
-               short_job_names(overrides + ["hparams_search"])])
+    out = run(
+        [
+            "hparams_search=lr_wd",
+            *search,
+            *overrides,
+            f"data.path={text_file}",
+            f"hydra.sweep.dir={tmp_path}",
+            short_job_names(overrides + ["hparams_search"]),
+        ]
+    )
     assert out.stderr.count("became non-finite") == 2 and "In this sweep the job scores inf" in out.stderr
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # the second trial ran after the first diverged
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
@@ -369,7 +485,16 @@ def test_diverged_trials_score_inf_and_the_search_goes_on(text_file, tmp_path):
 @pytest.mark.slow
 def test_a_ddp_job_that_diverges_in_a_sweep_scores_inf_too(text_file, tmp_path):
     """A DDP job runs in a process of its own (above): its divergence reaches the sweep as a score, not a failure."""
-    out = run(["-m", "trainer=ddp_cpu", *SWEEP, "optimizer.lr=1e6", f"data.path={text_file}",
-               f"hydra.sweep.dir={tmp_path}", short_job_names(SWEEP + ["optimizer.lr"])])
+    out = run(
+        [
+            "-m",
+            "trainer=ddp_cpu",
+            *SWEEP,
+            "optimizer.lr=1e6",
+            f"data.path={text_file}",
+            f"hydra.sweep.dir={tmp_path}",
+            short_job_names(SWEEP + ["optimizer.lr"]),
+        ]
+    )
     assert "became non-finite" in out.stderr
     assert "this job diverged (its error is above). In this sweep the job scores inf." in out.stderr

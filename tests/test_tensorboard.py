@@ -28,9 +28,25 @@ def get_json(url: str):
 def test_tensorboard_serves_scalars_images_and_text(trained_run):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(trained_run[0]), "--port", str(port),
-         "--host", "127.0.0.1", "--load_fast", "false", "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(trained_run[0]),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--load_fast",
+            "false",
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}/data/plugin"
     try:
         deadline, scalars = time.monotonic() + 90, {}
@@ -66,8 +82,10 @@ def test_a_resumed_csv_log_keeps_the_rows_before_the_checkpoint_and_drops_one_cu
     folder = tmp_path / "csv"
     folder.mkdir()
     # killed while writing the row of step 30 (its checkpoint was saved), after writing one of step 40 (not saved)
-    for rows, kept in [("10,2.5,\n20,2.4,2.6\n30,2.", ["10,2.5,", "20,2.4,2.6"]),
-                       ("10,2.5,\n20,2.4,2.6\n30,2.3,\n40,2.2,\n", ["10,2.5,", "20,2.4,2.6", "30,2.3,"])]:
+    for rows, kept in [
+        ("10,2.5,\n20,2.4,2.6\n30,2.", ["10,2.5,", "20,2.4,2.6"]),
+        ("10,2.5,\n20,2.4,2.6\n30,2.3,\n40,2.2,\n", ["10,2.5,", "20,2.4,2.6", "30,2.3,"]),
+    ]:
         (folder / "metrics.csv").write_text("step,train/loss,val/loss\n" + rows)
         logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="", purge_step=31)
         logger.log_metrics({"train/loss": 2.1}, step=30)  # Lightning's count: written at step 31

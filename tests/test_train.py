@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch._dynamo.utils import counters
 
 import train
-from minigpt.callbacks.startup import PREFIX as STARTUP, parse_startup
+from minigpt.callbacks.startup import PREFIX as STARTUP
+from minigpt.callbacks.startup import parse_startup
 from minigpt.checkpoint import find_checkpoint, read_model
 from minigpt.data import WindowsDataModule
 from minigpt.module import MiniGPTModule, warmup_cosine
@@ -91,7 +92,10 @@ def test_sample_prints_text_that_starts_with_the_prompt(trained_run):
     run_dir, _ = trained_run
     out = subprocess.run(
         [sys.executable, "sample.py", f"ckpt_path={run_dir}", "prompt=ROMEO:", "max_new_tokens=30", "num_samples=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     samples = out.stdout.rstrip("\n").split("\n---------------\n")
@@ -105,7 +109,9 @@ def test_reading_a_run_without_ckpt_path_says_what_to_give(config, command):
     module, function = command.rsplit(".", 1)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name=config)
-    with pytest.raises(ValueError, match=r"ckpt_path is missing: give the run to read, e.g. python .*ckpt_path=outputs/"):
+    with pytest.raises(
+        ValueError, match=r"ckpt_path is missing: give the run to read, e.g. python .*ckpt_path=outputs/"
+    ):
         getattr(importlib.import_module(module), function)(cfg)
 
 
@@ -153,9 +159,12 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
     assert isinstance(datamodule, WindowsDataModule)
     datamodule.setup("fit")
     # the module checks the model, optimizer and scheduler settings against what they take
-    module = MiniGPTModule(**datamodule.tokenizer.hparams(), model=OmegaConf.to_container(cfg.model, resolve=True),
-                           optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-                           scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
+    module = MiniGPTModule(
+        **datamodule.tokenizer.hparams(),
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+    )
     for entry in (cfg.get("callbacks") or {}).values():
         hydra.utils.instantiate(entry)
     for entry in (cfg.get("logger") or {}).values():
@@ -172,10 +181,22 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
 def test_every_experiment_trains_a_few_steps_on_the_cpu(experiment, text_file, tmp_path):
     """Each recipe as configured (its model's layers and widths, optimizer, schedule, callbacks), on the CPU, with
     short windows and batches and without compilation so that it takes seconds."""
-    cfg = compose_train([f"experiment={experiment}", "trainer=cpu", f"data.path={text_file}", "compile=false",
-                         "model.block_size=32", "data.batch_size=2", "data.val_batches=1", "trainer.max_steps=3",
-                         "trainer.val_check_interval=3", "scheduler.warmup_steps=1", "logger=none",
-                         "~callbacks.progress_bar"])
+    cfg = compose_train(
+        [
+            f"experiment={experiment}",
+            "trainer=cpu",
+            f"data.path={text_file}",
+            "compile=false",
+            "model.block_size=32",
+            "data.batch_size=2",
+            "data.val_batches=1",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "scheduler.warmup_steps=1",
+            "logger=none",
+            "~callbacks.progress_bar",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     metrics = train.train(cfg)
@@ -215,8 +236,10 @@ def test_the_printed_ckpt_path_reads_back_as_the_folder(path):
 def test_an_error_from_a_data_loader_worker_is_reported_without_the_workers_traceback():
     from minigpt.corpus import TokenFileChanged
 
-    worker = TokenFileChanged("Caught TokenFileChanged in DataLoader worker process 0.\nOriginal Traceback (most "
-                              "recent call last):\n  File \"x.py\", line 1\nminigpt.corpus.TokenFileChanged: gone")
+    worker = TokenFileChanged(
+        "Caught TokenFileChanged in DataLoader worker process 0.\nOriginal Traceback (most "
+        'recent call last):\n  File "x.py", line 1\nminigpt.corpus.TokenFileChanged: gone'
+    )
     assert train.user_message(worker) == "gone"
     assert train.user_message(ValueError("plain: message")) == "plain: message"
 
@@ -292,11 +315,19 @@ def _tinyshakespeare_or_skip() -> None:
 @pytest.mark.slow
 def test_seed_model_on_tinyshakespeare_beats_the_unigram_entropy(tmp_path):
     _tinyshakespeare_or_skip()
-    cfg = compose_train([
-        "model=seed", "trainer=cpu", "trainer.max_steps=150", "trainer.val_check_interval=150",
-        "trainer.enable_model_summary=false", "~callbacks.progress_bar", "data.batch_size=16",
-        "optimizer.lr=3e-3", "scheduler.warmup_steps=20",
-    ])
+    cfg = compose_train(
+        [
+            "model=seed",
+            "trainer=cpu",
+            "trainer.max_steps=150",
+            "trainer.val_check_interval=150",
+            "trainer.enable_model_summary=false",
+            "~callbacks.progress_bar",
+            "data.batch_size=16",
+            "optimizer.lr=3e-3",
+            "scheduler.warmup_steps=20",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     metrics = train.train(cfg)

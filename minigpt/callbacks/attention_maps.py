@@ -24,13 +24,15 @@ def attention_figures(model: GPT, idx: torch.Tensor, labels: list[str], when: st
     with torch.no_grad():
         _, maps = model.forward_with_attention(idx[None])  # (n_layer, 1, nh, T, T)
     maps = maps[:, 0].float().cpu().numpy()
-    return [plots.attention_heads(layer, labels, f"layer {i}: attention of each head{when}")
-            for i, layer in enumerate(maps)]
+    return [
+        plots.attention_heads(layer, labels, f"layer {i}: attention of each head{when}") for i, layer in enumerate(maps)
+    ]
 
 
 class AttentionMaps(Callback):
-    def __init__(self, text: str | None = None, length: int = 32, every_n_validations: int = 1,
-                 dirpath: str | None = None):
+    def __init__(
+        self, text: str | None = None, length: int = 32, every_n_validations: int = 1, dirpath: str | None = None
+    ):
         """
         Args:
             text: the text to look at; None = the first `length` tokens of the validation split.
@@ -39,8 +41,10 @@ class AttentionMaps(Callback):
             dirpath: where to save the latest maps as PNG; None = TensorBoard only.
         """
         if every_n_validations <= 0 or length <= 0:
-            raise ValueError(f"callbacks.attention_maps.every_n_validations and .length must be positive, got "
-                             f"{every_n_validations} and {length}")
+            raise ValueError(
+                f"callbacks.attention_maps.every_n_validations and .length must be positive, got "
+                f"{every_n_validations} and {length}"
+            )
         self.text, self.length, self.every_n_validations = text, length, every_n_validations
         self.dirpath = Path(dirpath) if dirpath else None
         self.validations = 0
@@ -67,8 +71,16 @@ class AttentionMaps(Callback):
             idx = pl_module.tokenizer.encode(self.text)[:block_size]
         else:
             idx = trainer.datamodule.val_tokens[: min(self.length, block_size)]
-        figures = attention_figures(pl_module.model, idx.long().to(pl_module.device), pl_module.tokenizer.pieces(idx),
-                                    when=f" at step {trainer.global_step}")
+        figures = attention_figures(
+            pl_module.model,
+            idx.long().to(pl_module.device),
+            pl_module.tokenizer.pieces(idx),
+            when=f" at step {trainer.global_step}",
+        )
         for i, figure in enumerate(figures):
-            add_figure(trainer, f"attention/layer_{i}", figure,
-                       self.dirpath / f"attention_layer{i}.png" if self.dirpath else None)
+            add_figure(
+                trainer,
+                f"attention/layer_{i}",
+                figure,
+                self.dirpath / f"attention_layer{i}.png" if self.dirpath else None,
+            )

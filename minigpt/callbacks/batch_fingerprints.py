@@ -29,7 +29,9 @@ class BatchFingerprints(Callback):
     def __init__(self) -> None:
         self.logged = False
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.logged:
             return
         self.logged = True  # once per process: every rank reaches its first batch, so every rank gathers
@@ -37,8 +39,13 @@ class BatchFingerprints(Callback):
         prints = [int(p) for p in pl_module.all_gather(mine).reshape(-1).tolist()]  # (world_size,)
         if not trainer.is_global_zero:
             return
-        log.info("First training batch (step %d) of each rank: %s", trainer.global_step,
-                 ", ".join(f"rank {rank} {p:016x}" for rank, p in enumerate(prints)))
+        log.info(
+            "First training batch (step %d) of each rank: %s",
+            trainer.global_step,
+            ", ".join(f"rank {rank} {p:016x}" for rank, p in enumerate(prints)),
+        )
         if len(set(prints)) < len(prints):
-            log.warning("Ranks drew the same training windows: data parallelism learns nothing from the copies. "
-                        "Each rank must seed its windows with its rank (minigpt.data.RandomWindows does).")
+            log.warning(
+                "Ranks drew the same training windows: data parallelism learns nothing from the copies. "
+                "Each rank must seed its windows with its rank (minigpt.data.RandomWindows does)."
+            )

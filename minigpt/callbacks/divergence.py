@@ -25,8 +25,10 @@ class NonFiniteLossError(FloatingPointError):
 class StopOnNonFiniteLoss(Callback):
     def __init__(self, check_every_n_steps: int = 50, max_names: int = 8):
         if check_every_n_steps <= 0:
-            raise ValueError(f"callbacks.stop_on_non_finite.check_every_n_steps (trainer.log_every_n_steps by default) "
-                             f"must be positive, got {check_every_n_steps}")
+            raise ValueError(
+                f"callbacks.stop_on_non_finite.check_every_n_steps (trainer.log_every_n_steps by default) "
+                f"must be positive, got {check_every_n_steps}"
+            )
         self.check_every_n_steps, self.max_names = check_every_n_steps, max_names
         self._finite: list[torch.Tensor] = []  # isfinite(loss) of each batch since the last check, on the device
         self._steps: list[int] = []  # the optimizer step each of those batches makes, counted as the loggers do
@@ -57,7 +59,7 @@ class StopOnNonFiniteLoss(Callback):
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, weights_too: bool = False) -> None:
         finite, steps = self._finite, self._steps[: len(self._finite)]
-        self._finite, self._steps = [], self._steps[len(self._finite):]
+        self._finite, self._steps = [], self._steps[len(self._finite) :]
         no_step = torch.iinfo(torch.int64).max
         first_bad = no_step
         if finite and not (flags := torch.stack(finite).cpu()).all():  # the one host sync
@@ -68,7 +70,8 @@ class StopOnNonFiniteLoss(Callback):
             first_bad = int(trainer.strategy.reduce(torch.tensor(first_bad, device=pl_module.device), reduce_op="min"))
         if first_bad != no_step:
             raise NonFiniteLossError(
-                f"train/loss became non-finite at step {first_bad}. {self._diagnosis(trainer, pl_module)}")
+                f"train/loss became non-finite at step {first_bad}. {self._diagnosis(trainer, pl_module)}"
+            )
         if weights_too:
             weights = list(pl_module.parameters())
             if weights and not torch.stack([torch.isfinite(p).all() for p in weights]).all():
@@ -82,17 +85,26 @@ class StopOnNonFiniteLoss(Callback):
         named = list(pl_module.named_parameters())
         bad_grads = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
         bad_weights = [n for n, p in named if not torch.isfinite(p).all()]
-        kinds = ([("Parameters with non-finite gradients and weights", bad_grads)] if bad_grads == bad_weights else
-                 [("Parameters with non-finite gradients", bad_grads), ("Non-finite weights", bad_weights)])
-        found = "".join(f"{what} at step {trainer.global_step}: {self._names(names)}. " for what, names in kinds if names)
-        fixes = "a lower optimizer.lr, more warmup (scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val)"
+        kinds = (
+            [("Parameters with non-finite gradients and weights", bad_grads)]
+            if bad_grads == bad_weights
+            else [("Parameters with non-finite gradients", bad_grads), ("Non-finite weights", bad_weights)]
+        )
+        found = "".join(
+            f"{what} at step {trainer.global_step}: {self._names(names)}. " for what, names in kinds if names
+        )
+        fixes = (
+            "a lower optimizer.lr, more warmup (scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val)"
+        )
         saved = max(last_saved_step(trainer), self._started_at)  # a resumed run's own checkpoint counts too
         if not saved:
             return f"{found}The run was stopped before it saved a checkpoint. Start again with {fixes}."
-        return (f"{found}The run was stopped and nothing non-finite was saved: the last checkpoint, from step {saved}, "
-                "is the last good state. Start again with a lower optimizer.lr (a resumed run keeps the optimizer "
-                "settings it was trained with), or resume with ckpt_path=<this run's folder> and more warmup "
-                "(scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val).")
+        return (
+            f"{found}The run was stopped and nothing non-finite was saved: the last checkpoint, from step {saved}, "
+            "is the last good state. Start again with a lower optimizer.lr (a resumed run keeps the optimizer "
+            "settings it was trained with), or resume with ckpt_path=<this run's folder> and more warmup "
+            "(scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val)."
+        )
 
     def _names(self, names: list[str]) -> str:
         more = f" and {len(names) - self.max_names} more" if len(names) > self.max_names else ""

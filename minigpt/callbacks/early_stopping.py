@@ -24,8 +24,10 @@ class EarlyStopping(callbacks.EarlyStopping):
         given = bound.arguments
         patience = given["patience"]
         if not (is_whole(patience) and patience >= 0):
-            raise ValueError(f"callbacks.early_stopping.patience must be a whole number of validations, 0 or more, "
-                             f"got {as_typed(patience)}")
+            raise ValueError(
+                f"callbacks.early_stopping.patience must be a whole number of validations, 0 or more, "
+                f"got {as_typed(patience)}"
+            )
         for key in ("min_delta", "stopping_threshold", "divergence_threshold"):
             if given.get(key) is not None and not is_number(given[key]):
                 raise ValueError(f"callbacks.early_stopping.{key} must be a number (or null), got {given[key]!r}")
@@ -38,5 +40,7 @@ class EarlyStopping(callbacks.EarlyStopping):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stopping_reason_message and trainer.global_step < trainer.max_steps:
-            rank_zero_info(f"Stopped early at step {trainer.global_step} of {trainer.max_steps}: "
-                           f"{self.stopping_reason_message.removesuffix(' Signaling Trainer to stop.')}")
+            rank_zero_info(
+                f"Stopped early at step {trainer.global_step} of {trainer.max_steps}: "
+                f"{self.stopping_reason_message.removesuffix(' Signaling Trainer to stop.')}"
+            )

@@ -70,8 +70,12 @@ def measure(model: nn.Module) -> tuple[dict[str, float], list[LayerStats]]:
     A parameter that got no gradient counts as zero.
     """
     named = trainable(model)
-    rows = [torch.stack([p.grad.norm(), p.grad.abs().mean(), p.grad.abs().amax()])
-            if p.grad is not None else torch.zeros(3, device=p.device) for _, p in named]
+    rows = [
+        torch.stack([p.grad.norm(), p.grad.abs().mean(), p.grad.abs().amax()])
+        if p.grad is not None
+        else torch.zeros(3, device=p.device)
+        for _, p in named
+    ]
     values = torch.stack(rows).float().cpu().tolist()  # the one host sync of a measurement
     grad_norms = {name: row[0] for (name, _), row in zip(named, values)}
 
@@ -89,14 +93,18 @@ def measure(model: nn.Module) -> tuple[dict[str, float], list[LayerStats]]:
 def update_ratios(model: nn.Module, before: list[torch.Tensor]) -> dict[str, float]:
     """Per layer, |w - w_before| / |w_before|: how far the step from `before` (the trainable parameters' values, in
     order) moved the weights, against their size."""
-    rows = torch.stack([torch.stack([(p.detach() - w).norm(), w.norm()]) for (_, p), w in zip(trainable(model), before)])
+    rows = torch.stack(
+        [torch.stack([(p.detach() - w).norm(), w.norm()]) for (_, p), w in zip(trainable(model), before)]
+    )
     sums: dict[str, list[float]] = {}
     for (name, _), (step, weight) in zip(trainable(model), rows.float().cpu().tolist()):  # one host sync
         acc = sums.setdefault(layer_of(name), [0.0, 0.0])
         acc[0] += step**2
         acc[1] += weight**2
-    return {layer: math.sqrt(step_sq / weight_sq) if weight_sq > 0 else float("nan")
-            for layer, (step_sq, weight_sq) in sums.items()}
+    return {
+        layer: math.sqrt(step_sq / weight_sq) if weight_sq > 0 else float("nan")
+        for layer, (step_sq, weight_sq) in sums.items()
+    }
 
 
 class GradientHealth(Callback):
@@ -116,8 +124,10 @@ class GradientHealth(Callback):
             dirpath: where to save the latest gradient-flow chart as `gradient_flow.png`; None = TensorBoard only.
         """
         if every_n_steps is not None and every_n_steps <= 0:
-            raise ValueError(f"callbacks.gradient_health.every_n_steps (trainer.log_every_n_steps by default) must be "
-                             f"positive or null, got {every_n_steps}")
+            raise ValueError(
+                f"callbacks.gradient_health.every_n_steps (trainer.log_every_n_steps by default) must be "
+                f"positive or null, got {every_n_steps}"
+            )
         self.every_n_steps = every_n_steps
         self.vanish_below, self.explode_above = vanish_below, explode_above
         self.dirpath = Path(dirpath) if dirpath else None
@@ -151,8 +161,9 @@ class GradientHealth(Callback):
         self.warn(trainer.global_step + 1, layers)
         self._weights_before = [p.detach().clone() for _, p in trainable(pl_module.model)]
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._weights_before is None:  # not a measured step, or (under accumulation) not its last batch yet
             return
         before, self._weights_before = self._weights_before, None
@@ -164,18 +175,30 @@ class GradientHealth(Callback):
         vanished = [f"{s.name} ({s.grad_norm:.1e})" for s in layers if s.grad_norm <= self.vanish_below]
         exploded = [f"{s.name} ({s.grad_norm:.1e})" for s in layers if s.grad_norm > self.explode_above]
         if vanished:
-            log.warning("step %d: the gradient vanishes (norm <= %.0e) in %s: these layers are not learning. "
-                        "Look for a dead activation, a detached tensor or a learning rate that is far too high.",
-                        step, self.vanish_below, ", ".join(vanished))
+            log.warning(
+                "step %d: the gradient vanishes (norm <= %.0e) in %s: these layers are not learning. "
+                "Look for a dead activation, a detached tensor or a learning rate that is far too high.",
+                step,
+                self.vanish_below,
+                ", ".join(vanished),
+            )
         if exploded:
-            log.warning("step %d: the gradient explodes (norm > %.0e) in %s. Lower optimizer.lr, add warmup "
-                        "(scheduler.warmup_steps) or clip harder (trainer.gradient_clip_val).",
-                        step, self.explode_above, ", ".join(exploded))
+            log.warning(
+                "step %d: the gradient explodes (norm > %.0e) in %s. Lower optimizer.lr, add warmup "
+                "(scheduler.warmup_steps) or clip harder (trainer.gradient_clip_val).",
+                step,
+                self.explode_above,
+                ", ".join(exploded),
+            )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.latest is None:
             return
         step, layers = self.latest
-        figure = plots.gradient_flow([s.name for s in layers], [s.mean_abs for s in layers],
-                                     [s.max_abs for s in layers], f"gradient flow at step {step} (before clipping)")
+        figure = plots.gradient_flow(
+            [s.name for s in layers],
+            [s.mean_abs for s in layers],
+            [s.max_abs for s in layers],
+            f"gradient flow at step {step} (before clipping)",
+        )
         add_figure(trainer, "grad/flow", figure, self.dirpath / "gradient_flow.png" if self.dirpath else None)

@@ -13,8 +13,9 @@ from minigpt.model import eager
 
 
 class ComputationGraph(Callback):
-    def __init__(self, dirpath: str | None = None, filename: str = "graph.svg", length: int = 8,
-                 blocks: int | None = 1):
+    def __init__(
+        self, dirpath: str | None = None, filename: str = "graph.svg", length: int = 8, blocks: int | None = 1
+    ):
         """
         Args:
             dirpath: where to draw the autograd graph of the loss; None = only the TensorBoard graph.
@@ -38,7 +39,13 @@ class ComputationGraph(Callback):
         idx, targets = tokens[None, :-1], tokens[None, 1:]  # (1, T): one window and its next characters
         with eager():  # the graph of the model's own operations, not of a compiled one (and no compilation here)
             if self.dirpath is not None:
-                render_autograd_graph(pl_module.model, idx, targets, self.dirpath / self.filename, self.blocks,
-                                      "callbacks.computation_graph.blocks")
+                render_autograd_graph(
+                    pl_module.model,
+                    idx,
+                    targets,
+                    self.dirpath / self.filename,
+                    self.blocks,
+                    "callbacks.computation_graph.blocks",
+                )
             for writer in writers(trainer):
                 add_model_graph(writer, pl_module.model, idx, targets)

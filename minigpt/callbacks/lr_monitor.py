@@ -13,6 +13,8 @@ class LearningRateMonitor(callbacks.LearningRateMonitor):
     logging step: with `trainer.accumulate_grad_batches=k`, k times at the same step, as k rows of metrics.csv.
     This one writes before the first micro-batch of the step only."""
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)

@@ -20,8 +20,12 @@ from minigpt.report import loss_curve_title, read_scalars, write_loss_curve
 def global_batch(trainer: L.Trainer, batch_size: int, block_size: int) -> dict[str, int]:
     """What one optimizer step learns from, over every device and node: windows and tokens."""
     windows = batch_size * trainer.accumulate_grad_batches * trainer.num_devices * trainer.num_nodes
-    return {"windows": windows, "tokens": windows * block_size, "devices": trainer.num_devices,
-            "num_nodes": trainer.num_nodes}
+    return {
+        "windows": windows,
+        "tokens": windows * block_size,
+        "devices": trainer.num_devices,
+        "num_nodes": trainer.num_nodes,
+    }
 
 
 class RunSummary(Callback):
@@ -51,8 +55,12 @@ class RunSummary(Callback):
         if datamodule is not None and "batch_size" in datamodule.hparams:
             params["data"] = {"batch_size": datamodule.hparams.batch_size}
             if "block_size" in datamodule.hparams:
-                params["global_batch"] = global_batch(trainer, datamodule.hparams.batch_size,
-                                                      datamodule.hparams.block_size)
-        params["trainer"] = {"max_steps": trainer.max_steps, "gradient_clip_val": trainer.gradient_clip_val,
-                             "accumulate_grad_batches": trainer.accumulate_grad_batches}
+                params["global_batch"] = global_batch(
+                    trainer, datamodule.hparams.batch_size, datamodule.hparams.block_size
+                )
+        params["trainer"] = {
+            "max_steps": trainer.max_steps,
+            "gradient_clip_val": trainer.gradient_clip_val,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        }
         return params

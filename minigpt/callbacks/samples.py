@@ -25,8 +25,10 @@ def as_markdown(text: str) -> str:
 class TextSamples(Callback):
     def __init__(self, prompt: str = "ROMEO:", max_new_tokens: int = 200, temperature: float = 0.8, seed: int = 1337):
         if max_new_tokens <= 0 or temperature <= 0:
-            raise ValueError(f"callbacks.text_samples.max_new_tokens and .temperature must be positive, got "
-                             f"{max_new_tokens} and {temperature}")
+            raise ValueError(
+                f"callbacks.text_samples.max_new_tokens and .temperature must be positive, got "
+                f"{max_new_tokens} and {temperature}"
+            )
         self.prompt = unescape(prompt)  # \n and \t as a newline and a tab, as in sample.py
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.tag = "samples/" + (re.sub(r"[^A-Za-z0-9_]+", "_", self.prompt).strip("_") or "prompt")
@@ -36,9 +38,11 @@ class TextSamples(Callback):
         try:
             pl_module.tokenizer.encode(self.prompt)
         except ValueError as err:
-            raise ValueError(f"callbacks.text_samples.prompt={self.prompt!r} cannot be encoded: {err}. Set "
-                             "callbacks.text_samples.prompt to text of your corpus, or drop the samples with "
-                             "~callbacks.text_samples.") from None
+            raise ValueError(
+                f"callbacks.text_samples.prompt={self.prompt!r} cannot be encoded: {err}. Set "
+                "callbacks.text_samples.prompt to text of your corpus, or drop the samples with "
+                "~callbacks.text_samples."
+            ) from None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         targets = writers(trainer)

@@ -23,8 +23,11 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
         completes_a_step = batches % trainer.accumulate_grad_batches == 0
-        validation_follows = (trainer.enable_validation and isinstance(trainer.val_check_batch, int)
-                              and batches % trainer.val_check_batch == 0)
+        validation_follows = (
+            trainer.enable_validation
+            and isinstance(trainer.val_check_batch, int)
+            and batches % trainer.val_check_batch == 0
+        )
         if completes_a_step and not validation_follows:
             super().on_train_batch_end(trainer, pl_module, *args)
 
