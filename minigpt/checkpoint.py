@@ -142,7 +142,7 @@ def recorded_best(folder: Path, checkpoint: Path) -> Path | None:
 
 
 def monitoring_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The saved state of the run's ModelCheckpoint that monitors val/loss (best_model_path, best_model_score), or {}."""
+    """The saved state of the run's ModelCheckpoint monitoring val/loss (best_model_path, best_model_score), or {}."""
     return next(
         (
             state

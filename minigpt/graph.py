@@ -56,8 +56,8 @@ def render_autograd_graph(
             labelloc="t",
             fontsize="20",
         )
-    try:
-        graph.render(outfile=path, cleanup=True)  # the format comes from the suffix
+    try:  # pipe, not render: render writes its .gv source beside the picture before it finds `dot` missing
+        path.write_bytes(graph.pipe(format=path.suffix.lstrip(".")))
         return path
     except graphviz.ExecutableNotFound:
         source = path.with_suffix(".dot")

@@ -28,7 +28,7 @@ SCHEDULES = ("cosine", "constant")
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float, decay: bool = True) -> float:
-    """Learning-rate multiplier: linear warmup to 1 over `warmup_steps`, then a cosine to `min_lr_ratio` at `max_steps`."""
+    """Learning-rate multiplier: linear warmup to 1 over `warmup_steps`, then cosine to `min_lr_ratio` at `max_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if not decay:

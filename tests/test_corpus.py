@@ -264,7 +264,8 @@ def test_a_cache_that_cannot_be_written_or_is_empty_is_named_not_taken_for_a_fai
         (lambda root: (root / "short.txt").write_text("abc" * 5) and root, "15 tokens: too short for block_size=16"),
         (
             lambda root: (root / "x.txt").write_bytes(b"fine text\n" * 3 + b"\xff oops") and root,  # never overwrite it
-            r"x.txt is not UTF-8 text: byte 30\b.* keeping the original: e.g. `iconv -f latin1 -t utf-8 \S*corpus/x.txt > "
+            r"x.txt is not UTF-8 text: byte 30\b.* keeping the original: e.g. "
+            r"`iconv -f latin1 -t utf-8 \S*corpus/x.txt > "
             r"\S*corpus/x.utf8.txt` .* leave the original out with data.glob",
         ),
         (

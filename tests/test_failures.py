@@ -194,7 +194,8 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_writ
         ([f"hydra.run.dir={earlier_run / 'checkpoints' / 'last.ckpt'}"], "is a file, not a folder"),
         (
             [f"ckpt_path={earlier_run}", f"hydra.run.dir={earlier_run}"],  # the resume's own record would replace it
-            f"error: hydra.run.dir={earlier_run} holds a run's record \\(.hydra\\), which this resumed run's own record "
+            f"error: hydra.run.dir={earlier_run} holds a run's record \\(.hydra\\), "
+            "which this resumed run's own record "
             "would replace.* Give the resume another hydra.run.dir \\(e.g. .*-resumed",
         ),
     ]:

@@ -292,7 +292,8 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path):
         ),
         (
             5,
-            "Interrupted at step 5, before the run saved a checkpoint: there is nothing to resume. Start again in a new "
+            "Interrupted at step 5, before the run saved a checkpoint: there is nothing to resume. "
+            "Start again in a new "
             "folder (or delete {run} first)",
         ),
     ],
