@@ -1,4 +1,5 @@
-"""What compiling costs at start-up: `python train.py` with compile=false, true (the whole model) and regional (each block).
+"""What compiling costs at start-up: `python train.py` with compile=false, true (the whole model) and regional
+(each block).
 
     python benchmarks/compile_time.py                                    # the lesson's model on the CPU
     python benchmarks/compile_time.py --device cuda experiment=speedrun  # the GPU speed run's model

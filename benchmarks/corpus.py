@@ -67,7 +67,7 @@ def generate(folder: Path, n_chars: int, n_files: int, source: Path, seed: int =
 
 
 def draw(tokens, batch: int, block: int, n_batches: int, every: int) -> tuple[list[float], list[dict]]:
-    """Seconds per block of `every` batches, and memory before and after each block (VmHWM: the peak since the start)."""
+    """Seconds per block of `every` batches, and memory before and after each block (VmHWM: the peak so far)."""
     stream = iter(RandomWindows(tokens, block, batch, seed=SEED))
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident memory
     seconds, samples = [], [memory()]
@@ -202,12 +202,14 @@ def main() -> None:
                 "|---|---|---|---|---|---|",
                 *rows,
                 "",
-                f"Resident memory while drawing (VmRSS at the start, the end and the largest of the samples taken every "
+                f"Resident memory while drawing (VmRSS at the start, the end and the largest of the samples taken "
+                "every "
                 f"{args.every} batches; VmHWM, the peak at any moment, within a read too; growth of the process's own "
                 "memory, RssAnon, and of mapped file pages, RssFile; share of the token file's 4 KiB pages the windows "
                 "read):",
                 "",
-                "| model | reader | VmRSS start | end | max sampled | peak | RssAnon growth | RssFile growth | pages visited |",
+                "| model | reader | VmRSS start | end | max sampled | peak | RssAnon growth | RssFile growth "
+                "| pages visited |",
                 "|---|---|---|---|---|---|---|---|---|",
                 *memory_rows,
             ]

@@ -1,11 +1,12 @@
-"""The run's loggers: Lightning's TensorBoard and CSV loggers, with each value at the optimizer steps done.
+"""The run's loggers count steps as optimizer steps done: one deliberate difference from Lightning, applied to
+every logger of a run (TensorBoard, CSV, or any a user adds, e.g. `+logger.wandb=...`) by `count_steps_done`.
 
 Lightning gives a logger the number of optimizer steps taken before the batch that produced a value (its
 `_batches_that_stepped`): the loss of the batch that makes step 100 lands at 99, and so does the validation after
 step 100, although its checkpoint is `step000100-...ckpt`, the console says "step 100" and the pictures of that
-validation are at 100. These loggers add the step back, so that every axis counts the optimizer steps done when
-the value was measured (the convention of Hugging Face's Trainer): a training loss at the step its gradients
-made, a validation loss at the step of its checkpoint. They leave out the `epoch` Lightning adds to each write.
+validation are at 100. Each logger of a run adds the step back, so that every axis counts the optimizer steps done
+when the value was measured (the convention of Hugging Face's Trainer). The `epoch` Lightning adds to each write is
+left out (a run is one endless epoch).
 
 Whoever calls `log_metrics` directly passes a step in Lightning's count: `trainer.global_step` in a hook that runs
 before the optimizer step (as gradient health does), `trainer.global_step - 1` after it.
@@ -22,28 +23,29 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import loggers
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from minigpt.atomic import atomic_write
 
 
-class _StepsDone:
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        # Lightning adds `epoch` to every write; a run is one endless epoch of random windows, so it is always 0
+def count_steps_done(logger: Logger) -> Logger:
+    """`logger`, writing each value at the optimizer steps done (see above) and without Lightning's `epoch`."""
+    log_metrics = logger.log_metrics
+
+    def log_at_steps_done(metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = {name: value for name, value in metrics.items() if name != "epoch"}
         if metrics:
-            super().log_metrics(metrics, None if step is None else step + 1)
+            log_metrics(metrics, None if step is None else step + 1)
+
+    logger.log_metrics = log_at_steps_done  # also what the logger's own log_hyperparams(metrics) calls
+    return logger
 
 
-class TensorBoardLogger(_StepsDone, loggers.TensorBoardLogger):
-    """Lightning's TensorBoardLogger, with each value at the optimizer steps done (see the module's docstring)."""
-
-
-class CSVLogger(_StepsDone, loggers.CSVLogger):
-    """Lightning's CSVLogger, with each value at the optimizer steps done (see the module's docstring), and, given a
-    `purge_step` as TensorBoard's logger is on a resume, keeping the earlier rows before that step: Lightning's
-    writer deletes an existing metrics.csv when it starts."""
+class CSVLogger(loggers.CSVLogger):
+    """Lightning's CSVLogger that, given a `purge_step` as TensorBoard's logger is on a resume, keeps the earlier
+    rows before that step: Lightning's writer deletes an existing metrics.csv when it starts."""
 
     def __init__(self, *args: Any, purge_step: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)

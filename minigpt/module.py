@@ -17,7 +17,7 @@ from torch.utils import flop_counter
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.text import Perplexity
 
-from minigpt.checkpoint import hyper_parameters, load_checkpoint, monitoring_state
+from minigpt.checkpoint import hyper_parameters, load_checkpoint
 from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.model import GPT, GPTConfig, eager
 from minigpt.optim import Muon
@@ -25,10 +25,12 @@ from minigpt.tokenizer import tokenizer_from_hparams
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "muon": Muon}
 SCHEDULES = ("cosine", "constant")
+# What a checkpoint holds beyond Lightning's own keys; a resume refuses checkpoints of another format (resume.py).
+CHECKPOINT_FORMAT = 1
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float, decay: bool = True) -> float:
-    """Learning-rate multiplier: linear warmup to 1 over `warmup_steps`, then cosine to `min_lr_ratio` at `max_steps`."""
+    """Learning-rate multiplier: linear warmup to 1 over `warmup_steps`, then cosine to `min_lr_ratio` at the end."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if not decay:
@@ -201,7 +203,6 @@ class MiniGPTModule(L.LightningModule):
         self._micro_batches = 0
         self._train_loss_sum: torch.Tensor | None = None  # over the optimizer steps since the last validation
         self._train_loss_count = 0
-        self._train_loss_since: int | None = None  # a resumed step the mean starts at, where it cannot go further back
         self._restored_best: float | None = None  # from a checkpoint, applied when training starts
         self._rng_states: dict[str, torch.Tensor] | None = None  # from a checkpoint, applied when training starts
 
@@ -270,9 +271,10 @@ class MiniGPTModule(L.LightningModule):
             count, self._train_loss_count = self._train_loss_count, 0
             train_loss = self._train_loss_sum / count if count else torch.tensor(float("nan"), device=self.device)
             train_loss = self.trainer.strategy.reduce(train_loss, reduce_op="mean")  # over every rank's batches
-            since, self._train_loss_since = self._train_loss_since, None
-            over = "mean since last validation" if since is None else f"mean since the resume at step {since}"
-            rank_zero_info(f"step {self.global_step}: train/loss {train_loss:.4f} ({over}), val/loss {loss:.4f}")
+            rank_zero_info(
+                f"step {self.global_step}: train/loss {train_loss:.4f} (mean since the last validation or resume), "
+                f"val/loss {loss:.4f}"
+            )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which unscales fp16 gradients
@@ -286,6 +288,7 @@ class MiniGPTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Dropout draws from the global generators: a resumed run needs them where the interrupted one left them.
+        checkpoint["minigpt_format"] = CHECKPOINT_FORMAT
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()
@@ -296,27 +299,10 @@ class MiniGPTModule(L.LightningModule):
             "devices": self.trainer.num_devices,
             "num_nodes": self.trainer.num_nodes,
         }
-        # The console's mean train/loss since the last validation, so far: a run resumed between two validations goes
-        # on with it. This process's own sum: under DDP each rank has its own, and only rank zero's would be saved.
-        count = self._train_loss_count
-        single = self.trainer.world_size == 1
-        checkpoint["train_loss_since_validation"] = {
-            "count": count,
-            "sum": float(self._train_loss_sum) if count and single else None,
-        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_states = checkpoint.get("rng_states")
-        saved = checkpoint.get("train_loss_since_validation") or {}  # (missing in checkpoints from before it was)
-        if saved.get("count"):  # checkpointed between two validations
-            if saved["sum"] is None:  # a DDP run's: the mean starts again here, and the console says so
-                self._train_loss_since = checkpoint["global_step"]
-            else:  # a 0-dim tensor on the CPU adds to a loss on any device
-                self._train_loss_sum = torch.tensor(saved["sum"])
-                self._train_loss_count = saved["count"]
-        # (a checkpoint written before the module kept its best: the checkpoint callback's record, if any)
-        best = checkpoint.get("val_loss_best", monitoring_state(checkpoint).get("best_model_score"))
-        self._restored_best = None if best is None else float(best)
+        self._rng_states = checkpoint["rng_states"]
+        self._restored_best = checkpoint["val_loss_best"]
 
     def on_train_start(self) -> None:
         # Restored here, not on load: creating the data loaders draws from the generator in between.

@@ -119,6 +119,7 @@ class Job:
     scalars: dict[str, Series]
     spans: list[tuple[float, float]]  # when each of its processes wrote (more than one: it was resumed)
     tokens_per_step: int | None  # None: not recorded
+    tags: list[str]  # the run's `tags=[...]`
 
     @property
     def wall_time(self) -> float:
@@ -155,19 +156,19 @@ def read_job(folder: Path) -> Job:
         [o for o in overrides if not o.startswith("hydra.")],
         read_scalars(events)[0] if has_events else {},
         process_spans(events) if has_events else [],
-        recorded_tokens_per_step(events / "hparams.yaml"),
+        *recorded(events / "hparams.yaml"),
     )
 
 
-def recorded_tokens_per_step(hparams_file: Path) -> int | None:
+def recorded(hparams_file: Path) -> tuple[int | None, list[str]]:
     """The tokens of one optimizer step over every device, as train.py records them when the run starts (only then
-    do devices=-1 or auto become a number); None for a run that recorded none."""
+    do devices=-1 or auto become a number), and the run's tags; None and [] for a run that recorded none."""
     try:
-        recorded = yaml.safe_load(hparams_file.read_text()) or {}
+        hparams = yaml.safe_load(hparams_file.read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return None
-    tokens = (recorded.get("global_batch") or {}).get("tokens")
-    return tokens if isinstance(tokens, int) and tokens > 0 else None
+        return None, []
+    tokens = (hparams.get("global_batch") or {}).get("tokens")
+    return (tokens if isinstance(tokens, int) and tokens > 0 else None), [str(t) for t in hparams.get("tags") or []]
 
 
 def job_number(folder: Path) -> int:
@@ -210,7 +211,7 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     )
     plot = plots.save(plots.sweep_comparison(val, title), multirun_dir / "comparison.png")
 
-    header = ["job", "overrides", "best val/loss", "step", "wall time (s)", "tokens/s"]
+    header = ["job", "overrides", "tags", "best val/loss", "step", "wall time (s)", "tokens/s"]
     rows = []
     for label, job in zip(labels, jobs):
         value, step = best(job.scalars.get("val/loss"))
@@ -218,6 +219,7 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
             [
                 job.folder.name,
                 label,
+                " ".join(job.tags),
                 f"{value:.4f}",
                 str(step),
                 f"{job.wall_time:.1f}",
@@ -249,7 +251,7 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     if any(row[-1] == "nan" for row, job in zip(rows, jobs) if job.spans):
         notes += [
             "tokens/s is nan for a job that logged fewer than two training steps (see trainer.log_every_n_steps) "
-            "or recorded no global batch in tensorboard/hparams.yaml (runs of minigpt before it did)."
+            "or recorded no global batch in tensorboard/hparams.yaml."
         ]
     lines += [""] + [f"- {note}" for note in notes] if notes else []
     table_md = multirun_dir / "comparison.md"

@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from minigpt.callbacks.step_checkpoint import last_saved_step
 from minigpt.checkpoint import find_checkpoint, load_checkpoint, run_folder_of
-from minigpt.module import MiniGPTModule
+from minigpt.module import CHECKPOINT_FORMAT, MiniGPTModule
+from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
         raise ValueError(
             f"ckpt_path={ckpt_file} holds no training state to resume from (no global_step). Resume "
             "from a run's last.ckpt or its run folder."
+        )
+    if checkpoint.get("minigpt_format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"ckpt_path={ckpt_file} was written by another version of minigpt (checkpoint format "
+            f"{checkpoint.get('minigpt_format', 'none')}; this one resumes format {CHECKPOINT_FORMAT}): start a new "
+            "run without ckpt_path (sample.py still reads it)."
         )
     if (folder := run_folder_of(ckpt_file)) is not None:  # checkpoints and events go on in the checkpoint's run folder
         check_latest(ckpt_file, checkpoint["global_step"])
@@ -62,6 +69,48 @@ def check_latest(ckpt_file: Path, step: int) -> None:
             f"from it in {folder} would cut steps {step + 1}-{latest} from the run's curves and overwrite its "
             f"last.ckpt. Resume the run where it stopped with ckpt_path={folder}, or copy the checkpoint out of "
             f"{ckpt_file.parent} and resume from the copy to branch a new run folder from step {step}."
+        )
+
+
+def check_data_and_settings(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_file: Path) -> None:
+    """Before the data is read: refuse other data than the checkpoint's run had; warn of other batches or schedule."""
+    check_same_data(cfg, checkpoint, ckpt_file)
+    warn_of_changed_settings(cfg, checkpoint)
+
+
+def check_run(
+    checkpoint: dict[str, Any], ckpt_file: Path, module: MiniGPTModule, datamodule: Any, trainer: Any
+) -> None:
+    """Once the run is built: refuse another model or optimizer, or nothing left to train; warn of a changed text
+    or global batch."""
+    check_resumable(checkpoint, module, ckpt_file)
+    warn_of_changed_text(checkpoint, datamodule)
+    warn_of_changed_global_batch(checkpoint, trainer)
+    if checkpoint["global_step"] >= trainer.max_steps:
+        raise ValueError(
+            f"ckpt_path={ckpt_file} is at step {checkpoint['global_step']}, and trainer.max_steps={trainer.max_steps}: "
+            "there is nothing left to train. Give a larger trainer.max_steps to train on (the learning-rate schedule "
+            "then spans the new length), or sample from it with sample.py."
+        )
+
+
+def say_where_to_resume(trainer: Any, checkpoint: dict[str, Any] | None, run_dir: str) -> None:
+    """After Ctrl-C: the step the run can go on from, and the command that does."""
+    saved = max(last_saved_step(trainer), checkpoint["global_step"] if checkpoint is not None else 0)
+    if saved:
+        log.info(
+            "Interrupted at step %d; the last checkpoint is from step %d. Resume with: python train.py %s (and the "
+            "same settings)",
+            trainer.global_step,
+            saved,
+            ckpt_path_arg(shown(run_dir)),
+        )
+    else:
+        log.info(
+            "Interrupted at step %d, before the run saved a checkpoint: there is nothing to resume. Start again in a "
+            "new folder (or delete %s first)",
+            trainer.global_step,
+            shown(run_dir),
         )
 
 
@@ -100,7 +149,7 @@ def warn_of_changed_settings(cfg: DictConfig, checkpoint: dict[str, Any]) -> Non
     schedule = (checkpoint.get("hyper_parameters") or {}).get("scheduler") or {}
     changed = [
         f"data.{key}={data[key]} then, {cfg.data[key]} now"
-        for key in ("batch_size", "seed")
+        for key in ("batch_size", "seed", "val_seed")
         if key in data and key in cfg.data and data[key] != cfg.data[key]
     ]
     changed += [
@@ -120,15 +169,13 @@ def warn_of_changed_settings(cfg: DictConfig, checkpoint: dict[str, Any]) -> Non
 def warn_of_changed_global_batch(checkpoint: dict[str, Any], trainer: Any) -> None:
     """Warn when a resume accumulates over other numbers of batches, devices or nodes than the checkpoint's run:
     allowed (a run goes on with fewer GPUs), but each optimizer step then learns from another number of windows."""
-    then = checkpoint.get("global_batch")  # missing in checkpoints of minigpt before it was recorded
-    if not then:
-        return
+    then = checkpoint["global_batch"]
     now = {
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "devices": trainer.num_devices,
         "num_nodes": trainer.num_nodes,
     }
-    changed = [f"{key}={then[key]} then, {now[key]} now" for key in now if key in then and then[key] != now[key]]
+    changed = [f"{key}={then[key]} then, {now[key]} now" for key in now if then[key] != now[key]]
     if changed:
         factor = {name: math.prod(v.get(k, 1) for k in now) for name, v in (("then", then), ("now", now))}
         log.warning(
@@ -145,9 +192,9 @@ def warn_of_changed_global_batch(checkpoint: dict[str, Any], trainer: Any) -> No
 def warn_of_changed_text(checkpoint: dict[str, Any], datamodule: Any) -> None:
     """Warn when the text itself changed since the checkpoint (edited in place: the same path and characters).
     Allowed, as training on a grown corpus is; but val/loss is then measured on other windows than before."""
-    then = (checkpoint.get(type(datamodule).__qualname__) or {}).get("text")  # missing before minigpt recorded it
+    then = checkpoint[type(datamodule).__qualname__]["text"]
     now = datamodule.text_record()
-    if then and then != now:
+    if then != now:
         log.warning(
             "The text changed since the checkpoint was saved (training split %d tokens then, %d now; "
             "validation split %d then, %d now%s): this run trains on the new text, but its val/loss is "
@@ -175,34 +222,6 @@ def same_setting(then: Any, now: Any) -> bool:
     return False
 
 
-def keep_validation_windows(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
-    """A run started before data.val_seed drew its validation windows with its training seed: resumed, it keeps them
-    (unless the command line sets data.val_seed), so that val/loss and the best checkpoint go on being compared on
-    the same windows. Other windows than the checkpoint's are warned about."""
-    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
-    then = recorded.get("val_seed", recorded.get("seed"))
-    if then is None or "val_seed" not in cfg.data or then == cfg.data.val_seed:
-        return
-    if "val_seed" not in recorded and not set_on_command_line("data.val_seed"):
-        log.info(
-            "The checkpoint's run drew its validation windows with seed=%s (before data.val_seed): it keeps them.", then
-        )
-        cfg.data.val_seed = then
-        return
-    log.warning(
-        "The checkpoint's run validated on windows drawn with seed %s, this run on data.val_seed=%s: val/loss "
-        "and the best checkpoint are compared across two sets of windows.",
-        then,
-        cfg.data.val_seed,
-    )
-
-
-def set_on_command_line(key: str) -> bool:
-    return HydraConfig.initialized() and any(
-        o.split("=", 1)[0].lstrip("+~") == key for o in HydraConfig.get().overrides.task
-    )
-
-
 def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file: Path) -> None:
     """Refuse a checkpoint of another vocabulary or model size, naming what differs."""
     saved = checkpoint.get("hyper_parameters") or {}
@@ -213,9 +232,7 @@ def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file
             if "bpe" in saved and "bpe" in module.hparams:  # both BPEs: their merges differ
                 why = (
                     "trained with a byte-level BPE whose merges differ from those this run's data gives: the text "
-                    "changed, or it was tokenized by minigpt before 2026-11-27, whose BPE also read the validation "
-                    "text of a corpus under 4 MiB (and such a run cannot be resumed now; sample.py reads it). "
-                    "Resume with the text it was trained on"
+                    "changed. Resume with the text it was trained on"
                 )
             else:
                 then, now = (
@@ -234,12 +251,6 @@ def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file
             f"ckpt_path={ckpt_file} was trained on a vocabulary of {len(saved['vocab'])} characters, but this run's "
             f"text has {len(vocab)} (only in the checkpoint: {only_saved!r}; only in the text: {only_here!r}). "
             "Resume with the data it was trained on (data.path=...), or start a new run without ckpt_path."
-            + (
-                " Since 2026-11-27 minigpt reads Windows' line endings (\\r\\n) as newlines, so a run trained on such "
-                "a text before cannot be resumed (sample.py reads it)."
-                if only_saved == "\r"
-                else ""
-            )
         )
     differences = [
         f"model.{key}={saved['model'].get(key)} in the checkpoint, {value} here"

@@ -115,6 +115,16 @@ CASES = {  # name: (overrides, what the message must say)
     ),
     "min_lr_ratio": (["scheduler.min_lr_ratio=-1"], "scheduler.min_lr_ratio is the final learning rate over the peak"),
     "patience": (["callbacks.early_stopping.patience=abc"], "callbacks.early_stopping.patience must be a whole number"),
+    # habits from epoch-based projects: a run is one endless epoch of random windows, counted in steps
+    "max_epochs": (
+        ["+trainer.max_epochs=1"],
+        r"trainer.max_epochs=1: a minigpt run is one endless epoch .* trainer.max_steps",
+    ),
+    "limit_train": (
+        ["+trainer.limit_train_batches=5"],
+        r"limit_train_batches=5: .* Use trainer.max_steps, or .*debug=fdr",
+    ),
+    "limit_val": (["+trainer.limit_val_batches=2"], r"limit_val_batches=2: .* Use data.val_batches"),
 }
 
 

@@ -214,27 +214,3 @@ def test_the_model_summary_counts_a_forward_passes_flops():
     T, C = SIZES["block_size"], SIZES["n_embd"]
     linear = sum(m.weight.numel() for m in module.model.modules() if isinstance(m, torch.nn.Linear))
     assert flops == 2 * linear * T + SIZES["n_layer"] * 2 * (2 * T * T * C)
-
-
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_a_resumed_runs_console_mean_goes_on_from_the_checkpoint_or_says_where_it_starts(world_size):
-    from types import SimpleNamespace
-
-    saved, resumed = (MiniGPTModule(vocab=VOCAB, model=SIZES) for _ in range(2))
-    for module in (saved, resumed):
-        module._trainer = SimpleNamespace(
-            world_size=world_size,
-            lr_scheduler_configs=[],
-            accumulate_grad_batches=1,
-            num_devices=world_size,
-            num_nodes=1,
-        )
-    saved._train_loss_sum, saved._train_loss_count = torch.tensor(12.0), 3  # 3 steps since the last validation
-    checkpoint = {"global_step": 14}
-    saved.on_save_checkpoint(checkpoint)
-    resumed.on_load_checkpoint(checkpoint)
-    resumed.on_train_start()
-    if world_size == 1:  # the same sum and count: the mean at the next validation takes in steps 12 to 14
-        assert (float(resumed._train_loss_sum), resumed._train_loss_count, resumed._train_loss_since) == (12.0, 3, None)
-    else:  # each rank had its own sum and only rank zero's was saved: none is taken, and the console line says so
-        assert (resumed._train_loss_count, resumed._train_loss_since) == (0, 14)

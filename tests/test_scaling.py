@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 
 import train
-from minigpt import multirun
+from minigpt import build, config, multirun
 from minigpt.callbacks.batch_fingerprints import fingerprint
 from minigpt.callbacks.divergence import NonFiniteLossError, StopOnNonFiniteLoss
 from minigpt.checkpoint import load_checkpoint
@@ -64,7 +64,7 @@ def test_only_runs_whose_processes_lightning_starts_leave_a_multirun_job(cfg_tin
         cfg = compose_train(overrides)
         with open_dict(cfg):
             cfg.run_dir = cfg_tiny.run_dir
-        return multirun.restarts_script(train.planned_strategy(cfg))
+        return multirun.restarts_script(build.planned_strategy(cfg))
 
     assert restarts("trainer=ddp_cpu")  # Lightning would run train.py again for rank 1
     assert not restarts("trainer=cpu") and not restarts("trainer=ddp_cpu", "trainer.devices=1")
@@ -203,7 +203,7 @@ def test_a_number_of_cpu_processes_that_is_not_a_whole_number_above_0_is_refused
         match=r"trainer.devices=.*: on the CPU it is how many processes train .* -1 \(every "
         r"device\) is for GPUs",
     ):
-        train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": devices}))
+        config.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": devices}))
 
 
 def test_settings_that_do_not_match_the_processes_torchrun_started_name_the_ones_that_do(monkeypatch):
@@ -216,33 +216,27 @@ def test_settings_that_do_not_match_the_processes_torchrun_started_name_the_ones
         r"trainer.devices=2 trainer.num_nodes=1 do not match: give "
         r"trainer.devices=1 trainer.num_nodes=2",
     ):
-        train.check_torchrun_processes(OmegaConf.create({"devices": 2, "num_nodes": 1}))
-    train.check_torchrun_processes(OmegaConf.create({"devices": 1, "num_nodes": 2}))
-    train.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 2}))  # every GPU: Lightning counts
+        config.check_torchrun_processes(OmegaConf.create({"devices": 2, "num_nodes": 1}))
+    config.check_torchrun_processes(OmegaConf.create({"devices": 1, "num_nodes": 2}))
+    config.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 2}))  # every GPU: Lightning counts
     with pytest.raises(
         ValueError,
         match=r"trainer.devices=-1 trainer.num_nodes=1 do not match: give trainer.devices=1 "
         r"trainer.num_nodes=2",
     ):  # trainer=ddp without the nodes torchrun has
-        train.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 1}))
+        config.check_torchrun_processes(OmegaConf.create({"devices": -1, "num_nodes": 1}))
 
 
 def test_more_cpu_processes_than_cores_are_warned_about(monkeypatch, caplog):
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     with caplog.at_level(logging.WARNING):
-        train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": 2}))
+        config.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": 2}))
         assert not caplog.records
-        train.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": 4}))
+        config.check_cpu_processes(OmegaConf.create({"accelerator": "cpu", "devices": 4}))
     assert "trainer.devices=4 CPU processes on 2 cores" in caplog.text
 
 
-def test_more_gpus_than_there_are_and_missing_plugins_get_clear_messages(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(
-        ValueError, match=r"trainer.devices=4 asks for 4 GPUs, but PyTorch sees 2 .* trainer.devices=-1"
-    ):
-        train.check_gpus(OmegaConf.create({"accelerator": "gpu", "devices": 4}))
-    train.check_gpus(OmegaConf.create({"accelerator": "gpu", "devices": -1}))  # every GPU there is
+def test_missing_plugins_get_clear_messages(monkeypatch):
     monkeypatch.setattr(multirun, "is_installed", lambda module: False)
     with pytest.raises(
         SystemExit, match=r"hparams_search=lr_wd needs the Hydra plugin hydra_optuna_sweeper.*\.\[search\]"

@@ -77,7 +77,7 @@ def test_tensorboard_serves_scalars_images_and_text(trained_run):
 
 
 def test_a_resumed_csv_log_keeps_the_rows_before_the_checkpoint_and_drops_one_cut_short(tmp_path):
-    from minigpt.loggers import CSVLogger
+    from minigpt.loggers import CSVLogger, count_steps_done
 
     folder = tmp_path / "csv"
     folder.mkdir()
@@ -87,7 +87,7 @@ def test_a_resumed_csv_log_keeps_the_rows_before_the_checkpoint_and_drops_one_cu
         ("10,2.5,\n20,2.4,2.6\n30,2.3,\n40,2.2,\n", ["10,2.5,", "20,2.4,2.6", "30,2.3,"]),
     ]:
         (folder / "metrics.csv").write_text("step,train/loss,val/loss\n" + rows)
-        logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="", purge_step=31)
+        logger = count_steps_done(CSVLogger(save_dir=str(tmp_path), name="csv", version="", purge_step=31))
         logger.log_metrics({"train/loss": 2.1}, step=30)  # Lightning's count: written at step 31
         logger.save()
         assert (folder / "metrics.csv").read_text().splitlines() == ["step,train/loss,val/loss", *kept, "31,2.1,"]

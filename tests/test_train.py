@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch._dynamo.utils import counters
 
 import train
+from minigpt import build, config, errors
 from minigpt.callbacks.startup import PREFIX as STARTUP
 from minigpt.callbacks.startup import parse_startup
 from minigpt.checkpoint import find_checkpoint, read_model
@@ -171,9 +172,9 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
         hydra.utils.instantiate(entry)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="trainer=cpu"):
-            train.make_trainer(cfg, [], [])
+            config.validate_trainer(cfg.trainer)
     else:
-        module.trainer = train.make_trainer(cfg, [], [])
+        module.trainer = build.make_trainer(cfg, [], [])
         module.configure_optimizers()  # the optimizer and the schedule, built from their settings
 
 
@@ -240,12 +241,12 @@ def test_an_error_from_a_data_loader_worker_is_reported_without_the_workers_trac
         "Caught TokenFileChanged in DataLoader worker process 0.\nOriginal Traceback (most "
         'recent call last):\n  File "x.py", line 1\nminigpt.corpus.TokenFileChanged: gone'
     )
-    assert train.user_message(worker) == "gone"
-    assert train.user_message(ValueError("plain: message")) == "plain: message"
+    assert errors.user_message(worker) == "gone"
+    assert errors.user_message(ValueError("plain: message")) == "plain: message"
 
 
 def test_callbacks_none_means_no_checkpoints_and_no_progress_bar_from_lightning_either(cfg_tiny):
-    trainer = train.make_trainer(cfg_tiny, [], [])  # Lightning would add its own, counting epochs
+    trainer = build.make_trainer(cfg_tiny, [], [])  # Lightning would add its own, counting epochs
     assert trainer.checkpoint_callback is None and trainer.progress_bar_callback is None
 
 
@@ -258,6 +259,7 @@ def test_a_run_says_where_its_start_up_went(cfg_tiny, caplog, monkeypatch):
     with open_dict(cfg_tiny):
         cfg_tiny.trainer.max_steps = 2
     monkeypatch.setattr(train, "LAUNCHED", None)  # as for a multirun's next job: launched when train() starts
+    config.quiet_known_noise()  # as main() does
     started = time.perf_counter()
     with caplog.at_level(logging.INFO):
         train.train(cfg_tiny)

@@ -14,18 +14,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from minigpt.build import global_batch
 from minigpt.report import loss_curve_title, read_scalars, write_loss_curve
-
-
-def global_batch(trainer: L.Trainer, batch_size: int, block_size: int) -> dict[str, int]:
-    """What one optimizer step learns from, over every device and node: windows and tokens."""
-    windows = batch_size * trainer.accumulate_grad_batches * trainer.num_devices * trainer.num_nodes
-    return {
-        "windows": windows,
-        "tokens": windows * block_size,
-        "devices": trainer.num_devices,
-        "num_nodes": trainer.num_nodes,
-    }
 
 
 class RunSummary(Callback):
