@@ -56,6 +56,12 @@ def render_autograd_graph(
             labelloc="t",
             fontsize="20",
         )
+    return write_graph(graph, path)
+
+
+def write_graph(graph: graphviz.Digraph, path: Path) -> Path:
+    """Render `graph` to `path` (the suffix picks the format); returns the file written: the Graphviz source, with
+    the suffix `.dot`, where the `dot` program is missing, and the log says how to render it."""
     try:
         graph.render(outfile=path, cleanup=True)  # the format comes from the suffix
         return path
