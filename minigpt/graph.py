@@ -66,6 +66,7 @@ def write_graph(graph: graphviz.Digraph, path: Path) -> Path:
         graph.render(outfile=path, cleanup=True)  # the format comes from the suffix
         return path
     except graphviz.ExecutableNotFound:
+        path.with_suffix(".gv").unlink(missing_ok=True)  # render's own copy of the source, left behind when it fails
         source = path.with_suffix(".dot")
         source.write_text(graph.source)
         log.warning(

@@ -266,6 +266,7 @@ def test_graph_without_graphviz_writes_the_source_and_how_to_render_it(tmp_path,
     with caplog.at_level(logging.WARNING):
         written = render_autograd_graph(model, idx, idx, tmp_path / "graph.svg")
     assert written == tmp_path / "graph.dot" and not (tmp_path / "graph.svg").exists()
+    assert not (tmp_path / "graph.gv").exists()  # graphviz's own copy of the source, from the failed render
     assert written.read_text().startswith("digraph") and "lm_head.weight" in written.read_text()
     assert f"dot -Tsvg {written} -o {tmp_path / 'graph.svg'}" in caplog.text
 

@@ -229,3 +229,25 @@ def test_autograd_from_the_command_line_needs_no_checkpoint(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x.grad = 7.0" in out.stdout and "by hand, dy/dx = 2x + 3 = 7.0" in out.stdout
+
+
+@pytest.mark.slow
+def test_warnings_reach_the_command_line(trained_run, text_file, tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minigpt.inspect",
+            f"ckpt_path={trained_run[0]}",
+            f"data.path={text_file}",
+            "what=attention",
+            "text='ROMEO: the king and queen'",
+            f"out_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "text is 25 tokens long, and the model's context is 16" in out.stderr  # not swallowed by Hydra's logging
