@@ -218,6 +218,21 @@ def test_the_step_refuses_a_bad_rate_or_an_unknown_parameter(inspect_cfg):
         inspect(inspect_cfg("what=step", "step_parameter=head.weight"))
 
 
+def test_the_step_check_catches_an_update_that_is_not_w_minus_lr_times_grad(monkeypatch):
+    import torch
+
+    from minigpt import inspect as inspect_module
+    from minigpt.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    x = torch.randint(11, (2, 8))
+    assert "checked: every one" in inspect_module.gradient_descent_step(model, x, x, 0.1, "lm_head.weight", "a model")
+    decaying = lambda model, settings, device: torch.optim.SGD(model.parameters(), settings["lr"], weight_decay=0.5)  # noqa: E731
+    monkeypatch.setattr(inspect_module, "make_optimizer", decaying)  # w - lr * (grad + 0.5 w): another rule
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\) moved a weight .* away from w - lr \* grad"):
+        inspect_module.gradient_descent_step(model, x, x, 0.1, "lm_head.weight", "a model")
+
+
 @pytest.mark.slow
 def test_autograd_from_the_command_line_needs_no_checkpoint(tmp_path):
     out = subprocess.run(
