@@ -227,8 +227,11 @@ def test_the_step_check_catches_an_update_that_is_not_w_minus_lr_times_grad(monk
     model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8))
     x = torch.randint(11, (2, 8))
     assert "checked: every one" in inspect_module.gradient_descent_step(model, x, x, 0.1, "lm_head.weight", "a model")
-    decaying = lambda model, settings, device: torch.optim.SGD(model.parameters(), settings["lr"], weight_decay=0.5)  # noqa: E731
-    monkeypatch.setattr(inspect_module, "make_optimizer", decaying)  # w - lr * (grad + 0.5 w): another rule
+
+    def decaying(model, settings, device):  # w - lr * (grad + 0.5 w): another rule
+        return torch.optim.SGD(model.parameters(), settings["lr"], weight_decay=0.5)
+
+    monkeypatch.setattr(inspect_module, "make_optimizer", decaying)
     with pytest.raises(RuntimeError, match=r"optimizer.step\(\) moved a weight .* away from w - lr \* grad"):
         inspect_module.gradient_descent_step(model, x, x, 0.1, "lm_head.weight", "a model")
 
