@@ -56,6 +56,12 @@ def render_autograd_graph(
             labelloc="t",
             fontsize="20",
         )
+    return write_graph(graph, path)
+
+
+def write_graph(graph: graphviz.Digraph, path: Path) -> Path:
+    """Render `graph` to `path` (the suffix picks the format); returns the file written: the Graphviz source, with
+    the suffix `.dot`, where the `dot` program is missing, and the log says how to render it."""
     try:  # pipe, not render: render writes its .gv source beside the picture before it finds `dot` missing
         path.write_bytes(graph.pipe(format=path.suffix.lstrip(".")))
         return path

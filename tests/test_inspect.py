@@ -163,3 +163,112 @@ def test_inspect_command_line(trained_run, text_file, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mean |grad|" in out.stdout and f"wrote {tmp_path / 'gradient_flow.png'}" in out.stdout
+
+
+def printed_value(lines: list[str], label: str) -> float:
+    """The number after `label` on the first printed line that starts with it."""
+    line = next(line.strip() for line in lines if line.strip().startswith(label))
+    return float(line.removeprefix(label).split()[0])
+
+
+@pytest.mark.parametrize("x", [2.0, -1.5])
+def test_autograd_prints_the_derivative_and_draws_the_graph_without_a_checkpoint(x, capsys, tmp_path):
+    (picture,) = inspect(compose_inspect(["what=autograd", f"x={x}", f"out_dir={tmp_path}"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert printed_value(lines, "y = x**2 + 3*x + 1 =") == x**2 + 3 * x + 1
+    assert printed_value(lines, "y.backward() leaves dy/dx in x.grad =") == 2 * x + 3  # 7 at the lesson's x = 2
+    assert [line.split()[0] for line in lines if line.startswith("  ")] == [
+        "AddBackward0",  # ... + 1
+        "AddBackward0",  # x**2 + 3*x
+        "PowBackward0",
+        "AccumulateGrad",  # into x.grad
+        "MulBackward0",
+        "AccumulateGrad",
+    ]
+    # autograd.svg, or its Graphviz source where `dot` is missing: either names the operations of y
+    assert picture.parent == tmp_path and picture.stem == "autograd"
+    assert "PowBackward0" in picture.read_text() and "MulBackward0" in picture.read_text()
+
+
+def assert_one_gradient_descent_step(lines: list[str], lr: float) -> None:
+    w, grad = printed_value(lines, "w "), printed_value(lines, "grad = dloss/dw")
+    assert printed_value(lines, "lr") == lr and grad != 0
+    assert printed_value(lines, "w after optimizer.step()") == pytest.approx(w - lr * grad, rel=1e-5, abs=1e-9)
+    assert printed_value(lines, "loss after the step") < printed_value(lines, "loss before the step")
+
+
+def test_one_step_of_a_fresh_model_is_w_minus_lr_times_grad(text_file, capsys, tmp_path):
+    cfg = compose_inspect(["what=step", "model=tiny", f"data.path={text_file}", f"out_dir={tmp_path}"])
+    assert inspect(cfg) == []  # numbers only, no picture
+    lines = capsys.readouterr().out.splitlines()
+    assert "freshly initialised" in lines[0] and "8 validation windows of 16 tokens" in lines[1]
+    assert_one_gradient_descent_step(lines, 0.1)
+    inspect(cfg)
+    assert capsys.readouterr().out.splitlines() == lines  # seeded: the same weights and numbers every time
+
+
+def test_one_step_of_a_checkpoint_on_a_parameter_of_a_block(inspect_cfg, capsys):
+    inspect(inspect_cfg("what=step", "step_lr=0.03", "step_parameter=transformer.h.0.attn.c_attn.weight"))
+    lines = capsys.readouterr().out.splitlines()
+    assert "the checkpoint" in lines[0] and "transformer.h.0.attn.c_attn.weight[" in lines[4]
+    assert_one_gradient_descent_step(lines, 0.03)
+
+
+def test_the_step_refuses_a_bad_rate_or_an_unknown_parameter(inspect_cfg):
+    with pytest.raises(ValueError, match="step_lr is the learning rate of the step: a positive number, got 0"):
+        inspect(inspect_cfg("what=step", "step_lr=0"))
+    with pytest.raises(ValueError, match="step_parameter=head.weight is not a parameter of the model: .*lm_head"):
+        inspect(inspect_cfg("what=step", "step_parameter=head.weight"))
+
+
+def test_the_step_check_catches_an_update_that_is_not_w_minus_lr_times_grad(monkeypatch):
+    import torch
+
+    from minigpt import inspect as inspect_module
+    from minigpt.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    x = torch.randint(11, (2, 8))
+    assert "checked: every one" in inspect_module.gradient_descent_step(model, x, x, 0.1, "lm_head.weight", "a model")
+
+    def decaying(model, settings, device):  # w - lr * (grad + 0.5 w): another rule
+        return torch.optim.SGD(model.parameters(), settings["lr"], weight_decay=0.5)
+
+    monkeypatch.setattr(inspect_module, "make_optimizer", decaying)
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\) moved a weight .* away from w - lr \* grad"):
+        inspect_module.gradient_descent_step(model, x, x, 0.1, "lm_head.weight", "a model")
+
+
+@pytest.mark.slow
+def test_autograd_from_the_command_line_needs_no_checkpoint(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "minigpt.inspect", "what=autograd", f"out_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x.grad = 7.0" in out.stdout and "by hand, dy/dx = 2x + 3 = 7.0" in out.stdout
+
+
+@pytest.mark.slow
+def test_warnings_reach_the_command_line(trained_run, text_file, tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minigpt.inspect",
+            f"ckpt_path={trained_run[0]}",
+            f"data.path={text_file}",
+            "what=attention",
+            "text='ROMEO: the king and queen'",
+            f"out_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "text is 25 tokens long, and the model's context is 16" in out.stderr  # not swallowed by Hydra's logging
