@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from minigpt.budget import apply_token_budget, processes_of
 from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.callbacks.run_summary import global_batch
 from minigpt.callbacks.startup import StartupTimes
@@ -101,6 +102,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"{cfg.model.block_size}: data.block_size follows model.block_size by default. Leave "
             f"data.block_size out, or (in a new run) set model.block_size={cfg.data.block_size} instead."
         )
+    if cfg.data.get("tokens_per_step") is not None or cfg.get("tokens") is not None:  # a budget in tokens (pretrain)
+        apply_token_budget(cfg, processes_of(planned_strategy(cfg)))
     L.seed_everything(cfg.seed, workers=True)
     ckpt_file, checkpoint = resume_point(cfg)  # a damaged or unsafe checkpoint fails here, before any output
     if checkpoint is None:  # a resumed run has said where it writes
