@@ -2,9 +2,10 @@
 trained on, which a resumed run continues.
 
 Lightning's monitor logs, per logging step, `train/device/items_per_sec` (tokens/s of one device),
-`train/items_per_sec` (of every device), `train/device/flops_per_sec` and `train/device/mfu` (the share of the
-device's peak, from Lightning's table of GPUs for the run's precision, or `peak_flops`), averaged over the last
-`window_size` batches; validation's go under `validate/`. This callback adds `train/tokens` and a console line.
+`train/items_per_sec` (of every device, when there are several), `train/device/flops_per_sec` and
+`train/device/mfu` (the share of the device's peak, from Lightning's table of GPUs for the run's precision, or
+`peak_flops`), averaged over the last `window_size` batches; validation's go under `validate/`. This callback adds
+`train/tokens` and a console line.
 """
 
 from __future__ import annotations
@@ -17,20 +18,19 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 
 from minigpt.model import GPT
+from minigpt.module import split_linear_weights
 
 log = logging.getLogger(__name__)
 
 
 def training_flops_per_token(model: GPT) -> int:
-    """FLOPs of one forward and backward pass per token: 6 per weight of the matmuls, plus attention's scores and
-    mixing over a full context (PaLM's appendix B formula, as nanoGPT's estimate_mfu; the causal half is not
-    subtracted). Embedding lookups are not matmuls: they are left out; the output head is counted."""
+    """FLOPs of one forward and backward pass per token, as MFU counts them: 6 per weight of a linear layer (2 forward,
+    4 backward), plus 12 x layers x width x context for attention's scores and mixing over a full context (PaLM's
+    appendix B formula, as nanoGPT's estimate_mfu; the causal half is not subtracted, and a fused kernel's
+    recomputation in backward is not work the model needs). Embedding lookups, norms and biases are not matmuls."""
     config = model.config
-    embeddings = sum(
-        p.numel() for name, p in model.named_parameters() if name.startswith(("transformer.wt", "transformer.wp"))
-    )
-    matmul_weights = sum(p.numel() for p in model.parameters()) - embeddings
-    return 6 * matmul_weights + 12 * config.n_layer * config.n_embd * config.block_size
+    weights, _ = split_linear_weights(model)  # the output head's included
+    return 6 * sum(w.numel() for w in weights) + 12 * config.n_layer * config.n_embd * config.block_size
 
 
 def windows_in(batch: tuple[Any, Any]) -> int:
@@ -89,12 +89,12 @@ class Throughput(ThroughputMonitor):
         # the rates Lightning's monitor just logged (its Throughput objects have no public accessor)
         training = self._throughputs.get(RunningStage.TRAINING)
         metrics = training.compute() if training is not None and trainer.is_global_zero else {}
-        if "items_per_sec" in metrics:  # once the window holds two batches
+        if "device/items_per_sec" in metrics:  # once the window holds its batches
             mfu = f", MFU {metrics['device/mfu']:.1%}" if "device/mfu" in metrics else ""
             log.info(
                 "step %d: %s tokens/s (%s per device)%s, %.4g tokens so far",
                 trainer.global_step,
-                f"{metrics['items_per_sec']:,.0f}",
+                f"{metrics.get('items_per_sec', metrics['device/items_per_sec']):,.0f}",  # (one device: no total)
                 f"{metrics['device/items_per_sec']:,.0f}",
                 mfu,
                 self.tokens,
