@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -23,6 +24,7 @@ from minigpt import prepare
 from minigpt.budget import apply_token_budget, processes_of
 from minigpt.callbacks.throughput import training_flops_per_token
 from minigpt.data import CorpusDataModule
+from minigpt.fsdp import fsdp_strategy
 from minigpt.model import GPT, Block, GPTConfig
 from minigpt.module import count_cpu_attention_flops
 from minigpt.report import read_scalars
@@ -229,18 +231,17 @@ def test_fsdp_composes_with_one_unit_per_block_and_is_refused_on_a_cpu(text_file
     cfg = compose_run(
         tiny(text_file, tmp_path, "trainer=fsdp", "trainer.strategy.activation_checkpointing=true"), tmp_path
     )
-    import hydra
-
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    policy = strategy.kwargs["auto_wrap_policy"]  # Lightning turns the set of classes into PyTorch's policy
-    assert policy._module_classes == {Block}
-    assert strategy._activation_checkpointing_kwargs["check_fn"](Block(GPTConfig()))
+    assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
+    # Lightning turns each set of classes into PyTorch's policy: shard, and recompute activations, per block
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert not fsdp_strategy()._activation_checkpointing_kwargs  # off unless asked for
     if torch.cuda.is_available():
         return
     # PyTorch's FSDP needs an accelerator ("FSDP needs a non-CPU accelerator device"); Lightning says so first
     with open_dict(cfg):
-        cfg.trainer.accelerator = "cpu"
+        cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 2
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
         train.make_trainer(cfg, [], [])
 

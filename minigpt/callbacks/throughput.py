@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 
@@ -52,13 +53,20 @@ class Throughput(ThroughputMonitor):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.peak_flops is not None:
-            self.available_flops = int(self.peak_flops)
+        device = trainer.strategy.root_device
+        peak = self.peak_flops
+        if peak is None and self.available_flops is None and device.type == "cuda":
+            # Lightning's table misses the name "NVIDIA H200" (it looks for SXM1 or NVL1 in it) and lists the H200's
+            # bf16 peak with 2:4 sparsity (2.0e15); dense, as MFU is counted, it is the H100 SXM's 989.4e12
+            if "H200" in torch.cuda.get_device_name(device) and "bf16" in str(trainer.precision):
+                peak = 989.4e12
+        if peak is not None:
+            self.available_flops = int(peak)
             for throughput in self._throughputs.values():  # (Lightning's, made in super().setup: no setter for it)
                 throughput.available_flops = self.available_flops
         self._flops_per_token = training_flops_per_token(pl_module.model)  # before FSDP shards the parameters
         if self.available_flops is None and trainer.is_global_zero:
-            log.info("No peak FLOP/s known for %s: MFU is not logged (set peak_flops)", trainer.strategy.root_device)
+            log.info("No peak FLOP/s known for %s: MFU is not logged (set peak_flops)", device)
 
     def _set_flops(self, trainer: L.Trainer, pl_module: L.LightningModule, passes: int) -> None:
         """ThroughputMonitor reads `flops_per_batch` from the module: a training batch's forward and backward (3
