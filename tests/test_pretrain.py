@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import open_dict
 from torch.utils.flop_counter import FlopCounterMode
@@ -242,7 +243,7 @@ def test_fsdp_composes_with_one_unit_per_block_and_is_refused_on_a_cpu(text_file
     # PyTorch's FSDP needs an accelerator ("FSDP needs a non-CPU accelerator device"); Lightning says so first
     with open_dict(cfg):
         cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 2
-    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+    with pytest.raises(InstantiationException, match="requires a GPU accelerator"):
         train.make_trainer(cfg, [], [])
 
 
