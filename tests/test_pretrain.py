@@ -210,18 +210,30 @@ def test_resuming_from_a_step_checkpoint_continues_the_token_count_and_logs_thro
 
 
 @pytest.mark.slow
-def test_the_tiny_pretrain_trains_through_ddp_with_two_gloo_processes(text_file, tmp_path):
+def test_prepare_then_the_tiny_pretrain_trains_on_a_folder_through_ddp_with_two_gloo_processes(text_file, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = text_file.read_text().splitlines(keepends=True)
+    (folder / "a.txt").write_text("".join(lines[: len(lines) // 2]))
+    (folder / "b.txt").write_text("".join(lines[len(lines) // 2 :]))
+    overrides = tiny(folder, tmp_path / "cache", "trainer=ddp_cpu")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    prepared = subprocess.run(
+        [sys.executable, "-m", "minigpt.prepare", *overrides], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert prepared.returncode == 0 and "Ready:" in prepared.stderr, prepared.stderr[-3000:]
     run = tmp_path / "run"
     out = subprocess.run(
-        [sys.executable, "train.py", *tiny(text_file, tmp_path / "cache", "trainer=ddp_cpu"), f"hydra.run.dir={run}"],
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={run}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     log = (run / "train.log").read_text()
+    assert "Using the token file" in log and "Tokenizing" not in log  # prepared once, before
     assert "256 tokens per optimizer step = 4 windows of 16 tokens per device x 2 process(es) x 2 accumulated" in log
     scalars, _ = read_scalars(str(run / "tensorboard"))
     assert list(scalars["train/tokens"].values) == [256, 512, 768, 1024]  # both processes' windows counted
