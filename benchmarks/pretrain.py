@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (registers the config resolvers)
 from benchmarks.report import append_results, machine_summary  # noqa: E402
-from benchmarks.throughput import StepClock, sync  # noqa: E402
+from benchmarks.throughput import sync  # noqa: E402
 from minigpt.budget import apply_token_budget  # noqa: E402
 from minigpt.callbacks.throughput import Throughput, training_flops_per_token  # noqa: E402
 from minigpt.data import RandomWindows  # noqa: E402
@@ -39,6 +39,23 @@ from minigpt.module import make_optimizer, make_schedule  # noqa: E402
 from minigpt.prepare import CONF  # noqa: E402
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "data.batch_size=4"]
+
+
+class StepClock(L.Callback):
+    """Wall time from the end of optimizer step `warmup` to the end of training. With accumulation the hook runs after
+    every micro-batch, and several see step `warmup`: the first of them starts the clock."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step == self.warmup and self.start is None:
+            sync(trainer.strategy.root_device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, *_):
+        sync(trainer.strategy.root_device)
+        self.end = time.perf_counter()
 
 
 def overrides(args) -> list[str]:
