@@ -199,8 +199,9 @@ def main() -> None:
         rows.append(f"| {variant} | {rate:,.0f} | {1000 * s / args.steps:.1f} | {mfu} | {ratio} |")
     table = "\n".join(
         [
-            f"{args.steps} optimizer steps of {tokens_per_step} tokens after {args.warmup} untimed; peak "
-            f"{peak or 0:.4g} FLOP/s; {flops_per_token / 1e9:.3f} GFLOP per token",
+            f"{args.steps} optimizer steps of {tokens_per_step} tokens after {args.warmup} untimed; "
+            + (f"peak {peak:.4g} FLOP/s" if peak else "no peak known (--peak-flops)")
+            + f"; {flops_per_token / 1e9:.4g} GFLOP per token",
             "",
             "| variant | tokens/s | ms per step | MFU | speed vs plain loop |",
             "|---|---|---|---|---|",
