@@ -134,7 +134,7 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings in attention instead of learned position embeddings
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
     # Rows of the embedding and the head, rounded up to a multiple of this: 64 turns GPT-2's 50257 into 50304, whose
-    # matmuls tile evenly on a GPU (nanoGPT: ~25% faster). The extra ids are never targets, so their logits fall.
+    # matmuls tile evenly on a GPU (nanoGPT pads so). The extra ids are never targets, so their logits only fall.
     vocab_multiple: int = 1
 
     @property
