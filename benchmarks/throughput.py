@@ -24,6 +24,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
@@ -32,9 +33,9 @@ from omegaconf import OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402  (registers the config resolvers)
 from benchmarks.lesson import LessonGPT, lesson_step  # noqa: E402
 from benchmarks.report import append_results, machine_summary  # noqa: E402
+from minigpt import build, config  # noqa: E402, F401  (config registers the resolvers the YAML files use)
 from minigpt.data import RandomWindows, TextDataModule  # noqa: E402
 from minigpt.model import GPT, GPTConfig, compile_model  # noqa: E402
 from minigpt.module import make_optimizer, make_schedule  # noqa: E402
@@ -131,12 +132,12 @@ def run_lightning(args, datamodule: TextDataModule) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_cfg(args, run_dir)
         L.seed_everything(cfg.seed, verbose=False)
-        module = train.make_module(cfg, datamodule)
+        module = build.make_module(cfg, datamodule)
         compile_model(module.model, cfg.compile, cfg.compile_mode)
         clock = StepClock(args.warmup)
-        callbacks, loggers = train.make_callbacks_and_loggers(cfg)
+        callbacks, loggers = build.make_callbacks_and_loggers(cfg)
         callbacks.insert(0, clock)
-        trainer = train.make_trainer(cfg, callbacks, loggers)
+        trainer = build.make_trainer(cfg, callbacks, loggers)
         trainer.fit(module, datamodule=datamodule)
         return clock.end - clock.start
 
@@ -338,7 +339,7 @@ def main() -> None:
         parser.error(f"--baseline {args.baseline} is not among --variants {args.variants}")
 
     cfg = compose_cfg(args, tempfile.gettempdir())
-    datamodule = train.hydra.utils.instantiate(cfg.data)
+    datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
     tokens_per_step = args.batch_size * cfg.model.block_size

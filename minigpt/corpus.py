@@ -30,7 +30,26 @@ from minigpt.tokenizer import SAFE_SPLIT, BPETokenizer, CharTokenizer, token_dty
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # part of the fingerprint: a change to how token files are written makes old ones stale (2: newlines)
-TOKENIZERS = ("char", "bpe")
+TOKENIZERS = ("char", "bpe")  # or the path of a Hugging Face tokenizer.json
+
+
+def launched_processes() -> int:
+    """How many processes torchrun or SLURM started for this run (1 when launched by hand or by Lightning itself,
+    which tokenizes in the first process before it starts the others)."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def tokenizer_file(tokenizer: str) -> Path | None:
+    """The Hugging Face tokenizer.json that data.tokenizer names, or None for `char` and `bpe`."""
+    if tokenizer in TOKENIZERS:
+        return None
+    file = Path(tokenizer).expanduser()
+    if file.suffix != ".json" or not file.is_file():
+        raise ValueError(
+            f"data.tokenizer={tokenizer} is not one of {', '.join(TOKENIZERS)} nor the path of a Hugging Face "
+            "tokenizer.json (e.g. GPT-2's, saved by tokenizers' Tokenizer.save or transformers' save_pretrained)"
+        )
+    return file
 
 
 def source_files(path: str, glob: str) -> list[Path]:
@@ -293,7 +312,7 @@ def load_corpus(folder: Path, expected_fingerprint: str | None = None) -> Corpus
     dtype = np.dtype(meta["dtype"])
     if not tokens_file.is_file() or tokens_file.stat().st_size != meta["n_tokens"] * dtype.itemsize:
         return None
-    if meta["tokenizer"] == "bpe":
+    if meta["tokenizer"] != "char":  # a BPE trained here, or a tokenizer.json given
         tokenizer = BPETokenizer((folder / "tokenizer.json").read_text(encoding="utf-8"))
     else:
         tokenizer = CharTokenizer(meta["vocab"])
@@ -324,6 +343,11 @@ def build_corpus(
                 chars.update(text)
         encoder: CharTokenizer | BPETokenizer = CharTokenizer("".join(sorted(chars)))
         extra = {"vocab": encoder.vocab}
+    elif (file := tokenizer_file(tokenizer)) is not None:  # a user's tokenizer.json, used as it is
+        encoder = BPETokenizer(file.read_text(encoding="utf-8"))
+        with atomic_write(folder / "tokenizer.json") as f:
+            f.write(encoder.json.encode())
+        extra = {"tokenizer_file": str(file.resolve())}
     else:
         train_bytes = min(int(total * train_fraction), bpe_train_bytes)
         log.info("Training a byte-level BPE of %d tokens on the first %d bytes of %d", vocab_size, train_bytes, total)
@@ -381,10 +405,11 @@ def tokenize_corpus(
 ) -> Corpus:
     """The corpus at `path` (a file, or a folder's files matching `glob`), tokenized: from the cache when its
     fingerprint matches, else written now."""
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"data.tokenizer={tokenizer} is not one of {', '.join(TOKENIZERS)}")
+    file = tokenizer_file(tokenizer)
     files = source_files(path, glob)
     settings = {"tokenizer": tokenizer, "glob": glob}
+    if file is not None:  # its contents, not its name: an edited tokenizer.json tokenizes anew
+        settings["tokenizer_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
     if tokenizer == "bpe":
         settings |= {"vocab_size": vocab_size, "bpe_train_bytes": bpe_train_bytes, "train_fraction": train_fraction}
     folder = corpus_folder(cache_dir, path, settings)
@@ -392,9 +417,16 @@ def tokenize_corpus(
     if (corpus := load_corpus(folder, current)) is not None:
         log.info("Using the token file in %s: the source is unchanged", folder)
         return corpus
+    if (processes := launched_processes()) > 1:  # every rank would tokenize (or wait): hours for a large corpus
+        raise ValueError(
+            f"{path} has no token file for these data settings in {folder}, and this is one of {processes} "
+            "processes started by torchrun or SLURM: tokenize it once before the job, with the same data settings: "
+            f"python -m minigpt.prepare data=text data.path={path} data.tokenizer={tokenizer} [other data.* "
+            "overrides, or experiment=...]"
+        )
     make_cache_folder(folder)
     with open(folder / ".lock", "w") as lock:
-        # DDP ranks started together (torchrun, SLURM) would all tokenize: one does, the others wait and reuse it
+        # two runs started together (or `minigpt.prepare` twice) would both tokenize: one does, the other reuses it
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (corpus := load_corpus(folder, current)) is not None:
             return corpus

@@ -328,6 +328,7 @@ class CorpusDataModule(WindowsDataModule):
         seed: int = 1337,
         val_seed: int = 1337,
         num_workers: int = 0,
+        tokens_per_step: int | None = None,  # the global batch in tokens: train.py derives accumulation from it
     ):
         super().__init__()
         if not path:

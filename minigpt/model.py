@@ -133,9 +133,16 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers
     rope: bool = False  # rotary position embeddings in attention instead of learned position embeddings
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    # Rows of the embedding and the head, rounded up to a multiple of this: 64 turns GPT-2's 50257 into 50304, whose
+    # matmuls tile evenly on a GPU (nanoGPT pads so). The extra ids are never targets, so their logits only fall.
+    vocab_multiple: int = 1
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             value = getattr(self, name)
             if not is_whole(value) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {as_typed(value)}")
@@ -164,14 +171,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 **({} if config.rope else {"wpe": nn.Embedding(config.block_size, config.n_embd)}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -187,7 +194,7 @@ class GPT(nn.Module):
         x = self._embed(idx)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
@@ -236,7 +243,8 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]  # the model has only block_size positions
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature  # (B, vocab_size): only the last position is new
+            # (B, vocab_size): only the last position is new, and a padding id is never sampled
+            logits = logits[:, -1, : self.config.vocab_size] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")

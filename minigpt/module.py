@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -279,7 +280,10 @@ class MiniGPTModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which unscales fp16 gradients
         # inside its step. Without a gradient scaler (fp32, bf16) the gradients are already true: clip them here.
-        if gradient_clip_val and optimizer.defaults.get("fused") and self.trainer.scaler is None:
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # each process holds a shard of the gradients: only FSDP's own method takes the norm over all of them
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        elif gradient_clip_val and optimizer.defaults.get("fused") and self.trainer.scaler is None:
             if gradient_clip_algorithm not in (None, "norm"):
                 raise ValueError("a fused optimizer supports gradient_clip_algorithm=norm only")
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)

@@ -90,7 +90,10 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE (GPT-2's scheme): any UTF-8 text encodes, and decoding gives back the exact text."""
+    """A byte-level BPE (GPT-2's scheme): any UTF-8 text encodes, and decoding gives back the exact text.
+
+    Trained here, or any Hugging Face tokenizer.json whose pre-tokenizer splits at line ends as GPT-2's does.
+    """
 
     def __init__(self, json: str):
         from tokenizers import Tokenizer  # imported here: character-level runs do not need the library
@@ -127,8 +130,9 @@ class BPETokenizer:
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of `text` as a 1-D int64 tensor, its lines encoded in parallel by the library's threads."""
-        # _fast: without character offsets, which are never used
-        encodings = self._tokenizer.encode_batch_fast(SAFE_SPLIT.split(text))
+        # _fast: without character offsets, which are never used; no special tokens: a given tokenizer.json may add
+        # some (a BOS) to each sequence, and here a sequence is a line
+        encodings = self._tokenizer.encode_batch_fast(SAFE_SPLIT.split(text), add_special_tokens=False)
         return torch.from_numpy(np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64))
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
