@@ -175,6 +175,7 @@ def run_plain(args, datamodule: TextDataModule, profiler=None) -> float:
 
     def step() -> None:
         x, y = next(batches)
+        torch.compiler.cudagraph_mark_step_begin()  # as the module's training_step (compile_mode=reduce-overhead)
         with autocast:
             _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)

@@ -235,6 +235,9 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be positive (the number of most likely tokens to sample among), got {top_k}")
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]  # the model has only block_size positions
+            # With compile_mode=reduce-overhead each call replays a CUDA graph that reuses its output memory: a new
+            # step for each token (PyTorch's advice for inference loops), and the logits are read before the next.
+            torch.compiler.cudagraph_mark_step_begin()
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :] / temperature  # (B, vocab_size): only the last position is new
             if top_k is not None:

@@ -227,9 +227,12 @@ class MiniGPTModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for compile_mode=reduce-overhead's CUDA graphs
         _, loss = self.model(x, y)
+        # Kept past the next batch, so a copy: a CUDA graph's outputs are overwritten when it runs again.
+        kept = loss.detach().clone()
         # sums on the device, no host sync; one addition per step without accumulation
-        self._step_loss = self._step_loss + loss.detach() if self._micro_batches else loss.detach()
+        self._step_loss = self._step_loss + kept if self._micro_batches else kept
         self._micro_batches += 1
         if self._micro_batches == self.trainer.accumulate_grad_batches:  # the optimizer steps after this batch
             n, self._micro_batches = self._micro_batches, 0
@@ -248,6 +251,7 @@ class MiniGPTModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
+        torch.compiler.cudagraph_mark_step_begin()  # (regional compilation runs CUDA graphs here before PyTorch 2.6)
         # Eagerly, even when compiled (eager(); before PyTorch 2.6, .forward() still bypasses a whole-model compile):
         # a few validation batches run as fast so, and need no second compilation for eval mode and a shorter batch.
         with eager():
