@@ -242,7 +242,9 @@ class MiniGPTModule(L.LightningModule):
             # self.log costs ~1 ms of Python per call (Lightning moves its result state every time), which on a GPU
             # stalls small models; log only on the steps that are written, which is all the loggers would keep.
             if self._is_logging_step():  # the step's mean over its micro-batches and every rank's (one all-reduce)
-                self.log("train/loss", step_loss, prog_bar=True, sync_dist=True)
+                # not prog_bar=True: Lightning would read that value to the host after every step, a GPU sync per
+                # step; the progress bar reads it at its own refreshes (minigpt/callbacks/progress.py)
+                self.log("train/loss", step_loss, sync_dist=True)
             elif self.global_step == 0:  # the loss at initialisation, ~ln(vocab_size): the curve starts there
                 first = float(self.trainer.strategy.reduce(step_loss, reduce_op="mean"))
                 for logger in self.loggers:
