@@ -41,6 +41,6 @@ class StepProgressBar(TQDMProgressBar):
         # The latest logged train/loss, read here at a refresh: logged with prog_bar=True, Lightning would read it to
         # the host at every step (minigpt/module.py)
         loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and trainer.training:
+        if loss is not None:
             metrics["train/loss"] = float(loss)
         return metrics
