@@ -36,7 +36,7 @@ import train  # noqa: E402  (registers the config resolvers)
 from benchmarks.lesson import LessonGPT, lesson_step  # noqa: E402
 from benchmarks.report import append_results, machine_summary  # noqa: E402
 from minigpt.data import RandomWindows, TextDataModule  # noqa: E402
-from minigpt.model import GPT, GPTConfig, compile_model  # noqa: E402
+from minigpt.model import GPT, GPTConfig, compile_model, new_cuda_graph_step  # noqa: E402
 from minigpt.module import make_optimizer, make_schedule  # noqa: E402
 
 
@@ -180,7 +180,7 @@ def run_plain(args, datamodule: TextDataModule, profiler=None) -> float:
 
     def step() -> None:
         x, y = next(batches)
-        torch.compiler.cudagraph_mark_step_begin()  # as the module's training_step (compile_mode=reduce-overhead)
+        new_cuda_graph_step()  # as the module's training_step (compile_mode=reduce-overhead)
         with autocast:
             _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)

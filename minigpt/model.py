@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -237,7 +238,7 @@ class GPT(nn.Module):
             idx_cond = idx[:, -self.config.block_size :]  # the model has only block_size positions
             # With compile_mode=reduce-overhead each call replays a CUDA graph that reuses its output memory: a new
             # step for each token (PyTorch's advice for inference loops), and the logits are read before the next.
-            torch.compiler.cudagraph_mark_step_begin()
+            new_cuda_graph_step()
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :] / temperature  # (B, vocab_size): only the last position is new
             if top_k is not None:
@@ -272,6 +273,17 @@ def check_compile(how: object) -> None:
             f"compile={how!r} is not one of the choices: false, true (compile the whole model) or "
             "regional (compile each transformer block: about half the compilation time)."
         )
+
+
+def new_cuda_graph_step() -> None:
+    """Tell PyTorch's CUDA graphs (compile_mode=reduce-overhead) that a new step begins: the outputs of the last one
+    may be overwritten from now on (torch.compiler.cudagraph_mark_step_begin).
+
+    Only where the graphs' machinery is loaded (Inductor loads it to compile them): its first call would otherwise
+    import Inductor, seconds of start-up, into runs that compile nothing.
+    """
+    if "torch._inductor.cudagraph_trees" in sys.modules:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 CAN_RUN_EAGERLY = hasattr(torch.compiler, "set_stance")  # a compiled module, on demand: PyTorch >= 2.6

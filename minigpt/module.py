@@ -19,7 +19,7 @@ from torchmetrics.text import Perplexity
 
 from minigpt.checkpoint import hyper_parameters, load_checkpoint, monitoring_state
 from minigpt.checks import as_typed, is_number, is_whole
-from minigpt.model import GPT, GPTConfig, eager
+from minigpt.model import GPT, GPTConfig, eager, new_cuda_graph_step
 from minigpt.optim import Muon
 from minigpt.tokenizer import tokenizer_from_hparams
 
@@ -227,7 +227,7 @@ class MiniGPTModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        torch.compiler.cudagraph_mark_step_begin()  # a new step for compile_mode=reduce-overhead's CUDA graphs
+        new_cuda_graph_step()  # for compile_mode=reduce-overhead's CUDA graphs
         _, loss = self.model(x, y)
         # Kept past the next batch, so a copy: a CUDA graph's outputs are overwritten when it runs again.
         kept = loss.detach().clone()
@@ -253,7 +253,7 @@ class MiniGPTModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        torch.compiler.cudagraph_mark_step_begin()  # (regional compilation runs CUDA graphs here before PyTorch 2.6)
+        new_cuda_graph_step()  # (regional compilation runs CUDA graphs here before PyTorch 2.6)
         # Eagerly, even when compiled (eager(); before PyTorch 2.6, .forward() still bypasses a whole-model compile):
         # a few validation batches run as fast so, and need no second compilation for eval mode and a shorter batch.
         with eager():

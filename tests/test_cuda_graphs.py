@@ -21,7 +21,10 @@ TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 @pytest.fixture
 def step_marks(monkeypatch) -> list[int]:
-    """Counts the calls of torch.compiler.cudagraph_mark_step_begin (one element per call)."""
+    """Counts the calls of torch.compiler.cudagraph_mark_step_begin (one element per call), with CUDA graphs' machinery
+    loaded as compile_mode=reduce-overhead loads it."""
+    import torch._inductor.cudagraph_trees  # noqa: F401
+
     marks: list[int] = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     return marks
@@ -75,3 +78,20 @@ def test_reduce_overhead_compiles_trains_validates_and_samples(cfg_tiny):
         cfg_tiny.callbacks.text_samples.max_new_tokens = 5
     metrics = train.train(cfg_tiny)
     assert metrics["step"] == 6 and math.isfinite(metrics["val/loss"])
+
+
+@pytest.mark.slow
+def test_a_run_that_compiles_nothing_does_not_load_inductor_for_cuda_graphs():
+    """Marking a CUDA-graph step would import Inductor (seconds) into every run; it waits until Inductor is loaded."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys, torch, train; from minigpt.model import GPT, GPTConfig; "
+        "GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=32)).generate("
+        "torch.zeros(1, 2, dtype=torch.long), 3); print('torch._inductor.cudagraph_trees' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
