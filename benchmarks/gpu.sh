@@ -38,11 +38,11 @@ record "Import time of train.py (python -X importtime; the slowest top-level mod
 # 1. Harness overhead on nanoGPT's shakespeare_char model (model=small, batch 64 x 256), compiled, bf16: Lightning
 #    against a plain loop (target >= 0.95 and >= 2.2 M tokens/s).
 step harness_small 75 python3 benchmarks/throughput.py --device cuda --model small --batch-size 64 --compile \
-  --steps 100 --warmup 25 --reps 3 --variants plain,lightning --results "$RESULTS"
+  --steps 100 --warmup 25 --reps 2 --variants plain,lightning --results "$RESULTS"
 # 2. The lesson's MiniGPT with CUDA graphs (compile_mode=reduce-overhead; it crashed before issue 19): our Lightning
 #    step and the plain loop against the lesson's loop (target 3x), and where each step's host time goes.
 step lesson_seed_graphs 75 python3 benchmarks/throughput.py --device cuda --model seed --batch-size 32 --compile \
-  --compile-mode reduce-overhead --steps 150 --warmup 30 --reps 2 --variants plain,lightning,lesson --host-profile \
+  --compile-mode reduce-overhead --steps 100 --warmup 20 --reps 2 --variants plain,lightning,lesson --host-profile \
   --results "$RESULTS"
 # 3. Lightning's added host time per step, on this machine's (quiet) CPU: the tiny model is all fixed cost (target
 #    <= 0.4 ms over the plain loop). One thread, as the GPU runs use one Python thread.
@@ -69,7 +69,7 @@ speedrun speedrun_best 70 speedrun 1.40 experiment=speedrun_best
 # 6. The default recipe (the lesson's model) with every callback on, compiled, on the GPU: attention maps, samples,
 #    gradient health, the graph and the loss curve, then sampling from its checkpoint. Then CUDA graphs through a
 #    whole run: training, validation, samples, checkpoints and sample.py.
-step recipe 60 python3 train.py trainer=gpu compile=true trainer.max_steps=300 trainer.val_check_interval=100 \
+step recipe 60 python3 train.py trainer=gpu compile=true trainer.max_steps=200 trainer.val_check_interval=100 \
   hydra.run.dir="$LOG/recipe"
 step recipe_graphs 60 python3 train.py trainer=gpu compile=true compile_mode=reduce-overhead trainer.max_steps=100 \
   trainer.val_check_interval=50 hydra.run.dir="$LOG/recipe_graphs"
@@ -77,4 +77,5 @@ step recipe_graphs_sample 30 python3 sample.py ckpt_path="$LOG/recipe_graphs" ma
 record "The default recipe's run folder, train.log's last lines, and a sample (compile_mode=reduce-overhead)" bash -c \
   "ls $LOG/recipe; tail -n 6 $LOG/recipe/train.log; tail -n 4 $LOG/recipe_graphs/train.log; \
   tail -n 12 $LOG/recipe_graphs_sample.log"
-echo "=== done ($(date +%T)): $RESULTS"
+printf '\ngpu.sh took %d s.\n' "$SECONDS" >> "$RESULTS"
+echo "=== done ($(date +%T)) after $SECONDS s: $RESULTS"
