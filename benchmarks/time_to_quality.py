@@ -24,14 +24,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import append_results, machine_summary  # noqa: E402
 from minigpt.callbacks.startup import PREFIX as STARTUP  # noqa: E402  (the run's own account of its start-up)
 
-VALIDATION = re.compile(r"step (\d+): .*val/loss ([0-9.]+|nan)")
+VALIDATION = re.compile(
+    r"(?<!at )step (\d+): .*?val/loss (\d+\.\d+|nan)"
+)  # each validation's console line, not "Finished at step"
 
 
 def time_to_target(
     overrides: list[str], target: float, timeout: float
-) -> tuple[float | None, list[tuple[float, int, float]], str]:
-    """Seconds until val/loss <= target (None if never), the (seconds, step, val/loss) of each validation and the
-    run's start-up line (imports, data and model, trainer set-up, first step)."""
+) -> tuple[float | None, list[tuple[float, int, float]], str, int]:
+    """Seconds until val/loss <= target (None if never), the (seconds, step, val/loss) of each validation, the
+    run's start-up line (imports, data and model, trainer set-up, first step) and its exit status (-9: stopped here)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     process = subprocess.Popen(
@@ -63,10 +65,10 @@ def time_to_target(
                     break
     finally:
         process.kill()
-        process.wait()
+        status = process.wait()
     if reached is None:
         print("target not reached; the run's last lines:\n" + "".join(tail), flush=True)
-    return reached, history, startup
+    return reached, history, startup, status
 
 
 def main() -> None:
@@ -92,10 +94,11 @@ def main() -> None:
         if args.seeds
         else [args.overrides] * args.reps
     )
-    times, last_history, stops = [], [], []
+    times, last_history, stops, failed = [], [], [], 0
     for rep, overrides in enumerate(runs):
         print(f"rep {rep}: python train.py {' '.join(overrides)}", flush=True)
-        reached, last_history, startup = time_to_target(overrides, args.target, args.timeout)
+        reached, last_history, startup, status = time_to_target(overrides, args.target, args.timeout)
+        failed += status not in (0, -9)  # the run itself failed (a finished run exits 0, a stopped one -9)
         times.append(reached)
         step, loss = last_history[-1][1:] if last_history else (0, float("nan"))  # where the run was stopped
         stops.append((overrides[-1] if args.seeds else f"run {rep}", reached, step, loss))
@@ -125,6 +128,8 @@ def main() -> None:
         body,
     )
     print(summary)
+    if failed:
+        raise SystemExit(f"{failed} of {len(runs)} runs failed: their last lines are above")
 
 
 if __name__ == "__main__":

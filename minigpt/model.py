@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -242,6 +243,9 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be positive (the number of most likely tokens to sample among), got {top_k}")
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]  # the model has only block_size positions
+            # With compile_mode=reduce-overhead each call replays a CUDA graph that reuses its output memory: a new
+            # step for each token (PyTorch's advice for inference loops), and the logits are read before the next.
+            new_cuda_graph_step()
             logits, _ = self(idx_cond)
             # (B, vocab_size): only the last position is new, and a padding id is never sampled
             logits = logits[:, -1, : self.config.vocab_size] / temperature
@@ -277,6 +281,17 @@ def check_compile(how: object) -> None:
             f"compile={how!r} is not one of the choices: false, true (compile the whole model) or "
             "regional (compile each transformer block: about half the compilation time)."
         )
+
+
+def new_cuda_graph_step() -> None:
+    """Tell PyTorch's CUDA graphs (compile_mode=reduce-overhead) that a new step begins: the outputs of the last one
+    may be overwritten from now on (torch.compiler.cudagraph_mark_step_begin).
+
+    Only where the graphs' machinery is loaded (Inductor loads it to compile them): its first call would otherwise
+    import Inductor, seconds of start-up, into runs that compile nothing.
+    """
+    if "torch._inductor.cudagraph_trees" in sys.modules:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 CAN_RUN_EAGERLY = hasattr(torch.compiler, "set_stance")  # a compiled module, on demand: PyTorch >= 2.6

@@ -20,7 +20,7 @@ from torchmetrics.text import Perplexity
 
 from minigpt.checkpoint import hyper_parameters, load_checkpoint
 from minigpt.checks import as_typed, is_number, is_whole
-from minigpt.model import GPT, GPTConfig, eager
+from minigpt.model import GPT, GPTConfig, eager, new_cuda_graph_step
 from minigpt.optim import Muon
 from minigpt.tokenizer import tokenizer_from_hparams
 
@@ -229,9 +229,12 @@ class MiniGPTModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        new_cuda_graph_step()  # for compile_mode=reduce-overhead's CUDA graphs
         _, loss = self.model(x, y)
+        # Kept past the next batch, so a copy: a CUDA graph's outputs are overwritten when it runs again.
+        kept = loss.detach().clone()
         # sums on the device, no host sync; one addition per step without accumulation
-        self._step_loss = self._step_loss + loss.detach() if self._micro_batches else loss.detach()
+        self._step_loss = self._step_loss + kept if self._micro_batches else kept
         self._micro_batches += 1
         if self._micro_batches == self.trainer.accumulate_grad_batches:  # the optimizer steps after this batch
             n, self._micro_batches = self._micro_batches, 0
@@ -241,7 +244,9 @@ class MiniGPTModule(L.LightningModule):
             # self.log costs ~1 ms of Python per call (Lightning moves its result state every time), which on a GPU
             # stalls small models; log only on the steps that are written, which is all the loggers would keep.
             if self._is_logging_step():  # the step's mean over its micro-batches and every rank's (one all-reduce)
-                self.log("train/loss", step_loss, prog_bar=True, sync_dist=True)
+                # not prog_bar=True: Lightning would read that value to the host after every step, a GPU sync per
+                # step; the progress bar reads it at its own refreshes (minigpt/callbacks/progress.py)
+                self.log("train/loss", step_loss, sync_dist=True)
             elif self.global_step == 0:  # the loss at initialisation, ~ln(vocab_size): the curve starts there
                 first = float(self.trainer.strategy.reduce(step_loss, reduce_op="mean"))
                 for logger in self.loggers:
@@ -250,6 +255,7 @@ class MiniGPTModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
+        new_cuda_graph_step()  # (regional compilation runs CUDA graphs here before PyTorch 2.6)
         # Eagerly, even when compiled (eager(); before PyTorch 2.6, .forward() still bypasses a whole-model compile):
         # a few validation batches run as fast so, and need no second compilation for eval mode and a shorter batch.
         with eager():

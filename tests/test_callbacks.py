@@ -289,12 +289,14 @@ def test_progress_bar_counts_optimizer_steps_not_epochs(text_file, tmp_path, cap
     cfg = compose_train(
         [o for o in TINY if o != "~callbacks.progress_bar"]
         + [f"data.path={text_file}", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none"]
+        + ["trainer.log_every_n_steps=2"]
     )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train.train(cfg)
     out = capsys.readouterr().out
     assert "train: 100%" in out and " 4/4 " in out
+    assert re.search(r"4/4 .*train/loss=\d\.\d+", out)  # the latest logged loss, read at the bar's refresh
     assert "Epoch" not in out  # a run is one endless epoch: Lightning's epoch bar would say nothing useful
     with open_dict(cfg):  # resumed part-way through its epoch, the bar still counts towards max_steps
         cfg.ckpt_path, cfg.trainer.max_steps, cfg.trainer.val_check_interval = str(tmp_path), 8, 8

@@ -191,7 +191,7 @@ def test_the_ranks_stop_together_on_the_earliest_non_finite_loss_of_any_of_them(
     for step in (8, 9):  # this rank's losses: finite
         trainer.global_step = step
         callback.on_train_batch_start(trainer)
-        callback._finite.append(torch.tensor(True))
+        callback.on_train_batch_end(trainer, pl_module, {"loss": torch.tensor(2.5)})
     with pytest.raises(NonFiniteLossError, match="non-finite at step 7"):
         callback._check(trainer, pl_module)
 

@@ -345,3 +345,16 @@ def test_seed_model_on_tinyshakespeare_beats_the_unigram_entropy(tmp_path):
     unigram_entropy = float(-(p * p.log()).sum())  # the best loss of a model that ignores context
     assert 3.2 < unigram_entropy < 3.4
     assert metrics["val/loss"] < unigram_entropy - 0.6, (metrics["val/loss"], unigram_entropy)
+
+
+def test_the_trainer_profiles_nothing_by_default_and_profiles_when_asked(cfg_tiny):
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from minigpt.profiler import NoProfiler
+
+    profiler = train.make_trainer(cfg_tiny, [], []).profiler
+    assert isinstance(profiler, NoProfiler)
+    assert profiler.profile("a") is profiler.profile("b")  # one shared no-op context: nothing built per hook
+    with open_dict(cfg_tiny):
+        cfg_tiny.trainer.profiler = "simple"  # as trainer.profiler=simple on the command line
+    assert isinstance(train.make_trainer(cfg_tiny, [], []).profiler, SimpleProfiler)

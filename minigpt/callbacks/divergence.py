@@ -1,6 +1,6 @@
 """Stop a run whose loss or weights became non-finite, before anything non-finite is saved.
 
-Each step only queues `isfinite(loss)` on the device; the queue is read (one host sync) every
+Each step only keeps its loss (a tensor on the device); they are checked (one host sync) every
 `check_every_n_steps` steps, which default to the logging steps that sync anyway, and always before a
 checkpoint is written, before a validation and at the end of training. A checkpoint is written only if the
 weights are finite, so `last.ckpt` is always the last good state. Under DDP the ranks agree on the verdict (one
@@ -30,7 +30,7 @@ class StopOnNonFiniteLoss(Callback):
                 f"must be positive, got {check_every_n_steps}"
             )
         self.check_every_n_steps, self.max_names = check_every_n_steps, max_names
-        self._finite: list[torch.Tensor] = []  # isfinite(loss) of each batch since the last check, on the device
+        self._losses: list[torch.Tensor] = []  # the loss of each batch since the last check, on the device
         self._steps: list[int] = []  # the optimizer step each of those batches makes, counted as the loggers do
         self._started_at = 0
 
@@ -41,8 +41,8 @@ class StopOnNonFiniteLoss(Callback):
         self._steps.append(trainer.global_step + 1)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._finite.append(torch.isfinite(loss.detach()).all())  # queued on the device: no sync
+        # Lightning's own detached copy of the batch's loss: kept as it is, no operation per step (and no sync)
+        self._losses.append(outputs["loss"] if isinstance(outputs, dict) else outputs.detach())
         if trainer.global_step % self.check_every_n_steps == 0:
             self._check(trainer, pl_module)
 
@@ -58,11 +58,11 @@ class StopOnNonFiniteLoss(Callback):
         self._check(trainer, pl_module, weights_too=True)
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, weights_too: bool = False) -> None:
-        finite, steps = self._finite, self._steps[: len(self._finite)]
-        self._finite, self._steps = [], self._steps[len(self._finite) :]
+        losses, steps = self._losses, self._steps[: len(self._losses)]
+        self._losses, self._steps = [], self._steps[len(self._losses) :]
         no_step = torch.iinfo(torch.int64).max
         first_bad = no_step
-        if finite and not (flags := torch.stack(finite).cpu()).all():  # the one host sync
+        if losses and not (flags := torch.isfinite(torch.stack(losses)).cpu()).all():  # the one host sync
             first_bad = steps[int((~flags).int().argmax())]
         # Under DDP each rank has its own loss: every rank takes the earliest bad step of any of them, so they all
         # stop together instead of leaving the others waiting in the next collective. One process: no communication.

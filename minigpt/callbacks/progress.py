@@ -38,4 +38,9 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the run folder already says which run this is
+        # The latest logged train/loss, read here at a refresh: logged with prog_bar=True, Lightning would read it to
+        # the host at every step (minigpt/module.py)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            metrics["train/loss"] = float(loss)
         return metrics
