@@ -14,6 +14,7 @@ cost is per run, not per step). MFU = tokens/s x training FLOPs per token (minig
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -155,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         data_cfg = hydra.compose(config_name="train", overrides=["data=text", "data.path=x"]).data
-    args.cache_dir = args.cache_dir or data_cfg.cache_dir
+    args.cache_dir = os.path.expanduser(args.cache_dir or data_cfg.cache_dir)  # Hydra refuses ~ in a value
     args.data = args.data or str(Path(args.cache_dir).expanduser() / "tinyshakespeare" / "input.txt")
     if args.peak_flops is not None:
         args.override.append(f"callbacks.throughput.peak_flops={args.peak_flops}")

@@ -107,7 +107,7 @@ CASES = {  # name: (overrides, what the message must say)
     "clip": (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val must be a norm >= 0"),
     "log_every": (
         ["trainer.log_every_n_steps=0"],
-        r"callbacks.stop_on_non_finite.check_every_n_steps \(trainer.log_every_n_steps by default\) must be",
+        "trainer.log_every_n_steps must be a positive whole number of optimizer steps, got 0",
     ),
     "samples": (
         ["callbacks.text_samples.temperature=0"],
