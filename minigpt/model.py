@@ -294,13 +294,10 @@ def new_cuda_graph_step() -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-CAN_RUN_EAGERLY = hasattr(torch.compiler, "set_stance")  # a compiled module, on demand: PyTorch >= 2.6
-
-
 def eager() -> contextlib.AbstractContextManager:
-    """A context in which compiled modules run their Python code instead (torch.compiler.set_stance, PyTorch >= 2.6).
+    """A context in which compiled modules run their Python code instead (torch.compiler.set_stance).
 
     Validation, samples and pictures use other shapes and no gradients: compiling graphs for them would cost
-    more start-up than they save. With older PyTorch this is a no-op and they compile their own graphs.
+    more start-up than they save.
     """
-    return torch.compiler.set_stance("force_eager") if CAN_RUN_EAGERLY else contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")

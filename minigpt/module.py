@@ -255,9 +255,8 @@ class MiniGPTModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        new_cuda_graph_step()  # (regional compilation runs CUDA graphs here before PyTorch 2.6)
-        # Eagerly, even when compiled (eager(); before PyTorch 2.6, .forward() still bypasses a whole-model compile):
-        # a few validation batches run as fast so, and need no second compilation for eval mode and a shorter batch.
+        # Eagerly, even when compiled: a few validation batches run as fast so, and need no second compilation for
+        # eval mode and a shorter batch.
         with eager():
             logits, loss = self.model.forward(x, y)
         # one value per window, each of block_size tokens (not weight=: torchmetrics 1.9 drops it under "disable")

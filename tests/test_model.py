@@ -121,7 +121,6 @@ def test_compile_refuses_an_unknown_choice():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="eager() needs PyTorch 2.6's set_stance")
 def test_regional_compilation_compiles_one_block_graph_and_changes_no_numbers():
     """Every block runs the graph traced for the first; names (so checkpoints) and results are the eager model's;
     under eager() other shapes, eval mode and generation add no graphs."""

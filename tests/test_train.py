@@ -290,8 +290,7 @@ def test_regional_compilation_trains_with_every_callback_and_compiles_once(cfg_t
     with caplog.at_level(logging.INFO):
         metrics = train.train(cfg_tiny)
     assert metrics["step"] == 10 and math.isfinite(metrics["val/loss"])
-    if hasattr(torch.compiler, "set_stance"):  # what eager() needs (PyTorch 2.6); before, each use compiles its own
-        assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert counters["stats"]["unique_graphs"] - graphs == 1
     assert "(compilation included)" in start_up_line(caplog)
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # e.g. the TensorBoard graph
     assert not [w for w in warned if "Graphviz's `dot` program is not installed" not in w]
