@@ -23,7 +23,7 @@ from minigpt.callbacks.gradient_health import GradientHealth, layer_of, measure
 from minigpt.callbacks.samples import as_markdown
 from minigpt.graph import render_autograd_graph
 from minigpt.model import GPT, GPTConfig
-from tests.conftest import TINY, assert_is_a_picture, compose_train, decode_png
+from tests.helpers import TINY, assert_is_a_picture, compose_train, decode_png
 
 LAYERS = ["embeddings", "h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp", "ln_f", "lm_head"]  # the tiny model's
 

@@ -22,7 +22,7 @@ from minigpt.data import CorpusDataModule, RandomWindows, TextDataModule, window
 from minigpt.inspect import inspect
 from minigpt.resume import check_resumable
 from minigpt.tokenizer import BPETokenizer, CharTokenizer, token_dtype
-from tests.conftest import ROOT, TINY, compose_train, make_text
+from tests.helpers import ROOT, TINY, compose_train, make_text
 from tests.test_inspect import compose_inspect
 
 

@@ -86,7 +86,7 @@ def test_a_run_that_compiles_nothing_does_not_load_inductor_for_cuda_graphs():
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     code = (
         "import sys, torch, train; from minigpt.model import GPT, GPTConfig; "

@@ -11,7 +11,7 @@ import yaml
 from omegaconf import open_dict
 
 import train
-from tests.conftest import ROOT, compose_train
+from tests.helpers import ROOT, compose_train
 
 
 def debug_run(name: str, text_file: Path, tmp_path: Path, *overrides: str) -> dict[str, float]:

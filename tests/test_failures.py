@@ -19,7 +19,7 @@ import sample
 import train
 from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.checkpoint import load_checkpoint
-from tests.conftest import ROOT, TINY, compose_sample, compose_train, make_text
+from tests.helpers import ROOT, TINY, compose_sample, compose_train, make_text
 
 
 def snapshot(*folders: Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from minigpt.inspect import inspect
-from tests.conftest import CONF, ROOT, assert_is_a_picture, decode_png
+from tests.helpers import CONF, ROOT, assert_is_a_picture, decode_png
 
 
 def compose_inspect(overrides):

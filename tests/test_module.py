@@ -11,7 +11,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from minigpt.module import MiniGPTModule, warmup_cosine
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 VOCAB = "\n !,.:;?abcdefghijklmnopqrstuvwxyz"
 SIZES = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)

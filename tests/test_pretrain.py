@@ -31,7 +31,7 @@ from minigpt.model import GPT, Block, GPTConfig
 from minigpt.module import count_cpu_attention_flops
 from minigpt.report import read_scalars
 from minigpt.tokenizer import BPETokenizer
-from tests.conftest import ROOT, compose_train
+from tests.helpers import ROOT, compose_train
 
 # experiment=pretrain shrunk to run in seconds on a CPU: 4 windows of 16 tokens per micro-batch, 256 tokens per
 # optimizer step (4 micro-batches on one process, 2 on two), 4 steps of the 1024-token budget.

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from minigpt.report import compare_sweep, loss_curve_title, read_scalars, report
-from tests.conftest import ROOT, assert_is_a_picture, decode_png
+from tests.helpers import ROOT, assert_is_a_picture, decode_png
 
 
 def fake_sweep(trained_run, cfg, folder, jobs):

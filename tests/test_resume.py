@@ -21,7 +21,7 @@ import train
 from minigpt.checkpoint import load_checkpoint
 from minigpt.checkpoint_io import AtomicCheckpointIO
 from minigpt.module import MiniGPTModule
-from tests.conftest import ROOT, TINY, compose_sample, compose_train
+from tests.helpers import ROOT, TINY, compose_sample, compose_train
 
 # 24 steps of 2 accumulated batches, validated every 12 batches (6 steps), last.ckpt also every 4 steps in
 # between; dropout on, so the generator state matters as much as the sampler's; attention maps at the 1st and 4th

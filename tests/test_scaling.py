@@ -28,7 +28,7 @@ from minigpt.checkpoint import load_checkpoint
 from minigpt.data import RandomWindows
 from minigpt.module import MiniGPTModule
 from minigpt.report import read_scalars
-from tests.conftest import CONF, ROOT, TINY, compose_train
+from tests.helpers import CONF, ROOT, TINY, compose_train
 
 DDP = [o for o in TINY if o != "trainer=cpu"] + ["trainer=ddp_cpu"]  # two processes over gloo
 # What a sweep's jobs need: no pictures or samples (their drawing is tested elsewhere), fewer steps.

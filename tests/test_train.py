@@ -25,7 +25,7 @@ from minigpt.data import WindowsDataModule
 from minigpt.module import MiniGPTModule, warmup_cosine
 from minigpt.report import read_scalars
 from minigpt.run_folder import ckpt_path_arg, shown
-from tests.conftest import CONF, ROOT, compose_train
+from tests.helpers import CONF, ROOT, compose_train
 
 GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir()}
 
