@@ -69,19 +69,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
             resume.say_where_to_resume(trainer, checkpoint, cfg.run_dir)
         raise
 
+    return finished(trainer, module, cfg.run_dir)
+
+
+def finished(trainer: L.Trainer, module: L.LightningModule, run_dir: str) -> dict[str, float]:
+    """The run's final metrics, with `val/loss_best` and `step`, said on the console with where the run is."""
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics["val/loss_best"] = module.best_val_loss  # this fit's validations and those before its checkpoint
     metrics["step"] = trainer.global_step
     latest = f"val/loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "no validation in this process"
+    best = metrics["val/loss_best"]
     log.info(
-        "Finished at step %d: %s, best val/loss %.4f. Run folder: %s",
-        trainer.global_step,
-        latest,
-        metrics["val/loss_best"],
-        shown(cfg.run_dir),
+        "Finished at step %d: %s, best val/loss %.4f. Run folder: %s", trainer.global_step, latest, best, shown(run_dir)
     )
     if trainer.checkpoint_callbacks:
-        log.info("Generate text from it: python sample.py %s", ckpt_path_arg(shown(cfg.run_dir)))
+        log.info("Generate text from it: python sample.py %s", ckpt_path_arg(shown(run_dir)))
     return metrics
 
 
