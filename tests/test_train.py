@@ -351,9 +351,9 @@ def test_the_trainer_profiles_nothing_by_default_and_profiles_when_asked(cfg_tin
 
     from minigpt.profiler import NoProfiler
 
-    profiler = train.make_trainer(cfg_tiny, [], []).profiler
+    profiler = build.make_trainer(cfg_tiny, [], []).profiler
     assert isinstance(profiler, NoProfiler)
     assert profiler.profile("a") is profiler.profile("b")  # one shared no-op context: nothing built per hook
     with open_dict(cfg_tiny):
         cfg_tiny.trainer.profiler = "simple"  # as trainer.profiler=simple on the command line
-    assert isinstance(train.make_trainer(cfg_tiny, [], []).profiler, SimpleProfiler)
+    assert isinstance(build.make_trainer(cfg_tiny, [], []).profiler, SimpleProfiler)
