@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,15 @@ def cfg_tiny(cfg_tiny_global, tmp_path) -> DictConfig:
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     return cfg
+
+
+@pytest.fixture
+def run_log(caplog, monkeypatch):
+    """caplog at INFO that also sees Lightning's lines (rank_zero_info and the like): Lightning logs to its own
+    handler and does not propagate to the root logger, where caplog listens."""
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    caplog.set_level(logging.INFO)
+    return caplog
 
 
 @pytest.fixture(scope="session")

@@ -319,17 +319,15 @@ def test_sample_prompts_read_backslash_n_as_a_new_line():
     assert samples.prompt == "\nROMEO:" and samples.tag == "samples/ROMEO"
 
 
-def test_early_stopping_says_when_it_stopped_a_run_and_a_resume_takes_a_new_patience(cfg_tiny, caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # Lightning logs to its own handler
+def test_early_stopping_says_when_it_stopped_a_run_and_a_resume_takes_a_new_patience(cfg_tiny, run_log):
     with open_dict(cfg_tiny):
         cfg_tiny.trainer.update(max_steps=100, val_check_interval=10)
         cfg_tiny.callbacks.early_stopping.update(patience=1, min_delta=10.0)  # no validation can improve enough
-    with caplog.at_level(logging.INFO):
-        metrics = train.train(cfg_tiny)
+    metrics = train.train(cfg_tiny)
     assert metrics["step"] == 20
     assert (
         "Stopped early at step 20 of 100: Monitored metric val/loss did not improve in the last 1 records"
-        in caplog.text
+        in run_log.text
     )
 
     stopping = EarlyStopping(monitor="val/loss", patience=5)

@@ -4,7 +4,6 @@ the CPU these tests check the two rules, and that the mode itself composes and t
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 
@@ -44,7 +43,7 @@ def test_every_training_step_begins_a_new_cuda_graph_step(cfg_tiny, step_marks):
     assert len(step_marks) == 4 + 2 * 5
 
 
-def test_the_losses_a_run_keeps_survive_the_models_next_call(cfg_tiny, monkeypatch, caplog):
+def test_the_losses_a_run_keeps_survive_the_models_next_call(cfg_tiny, monkeypatch, run_log):
     """A CUDA graph's replay overwrites the outputs of the one before (PyTorch then raises "accessing tensor output of
     CUDAGraphs that has been overwritten by a subsequent run"). Emulated here: each call of the model fills its
     previous outputs with nan. The console's mean train/loss, summed over steps, must still be the losses'."""
@@ -60,9 +59,8 @@ def test_the_losses_a_run_keeps_survive_the_models_next_call(cfg_tiny, monkeypat
     monkeypatch.setattr(GPT, "forward", overwriting_forward)
     with open_dict(cfg_tiny):
         cfg_tiny.trainer.update(max_steps=4, val_check_interval=4, log_every_n_steps=1, num_sanity_val_steps=0)
-    with caplog.at_level(logging.INFO):
-        train.train(cfg_tiny)
-    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 4: train/loss"))
+    train.train(cfg_tiny)
+    line = next(r.getMessage() for r in run_log.records if r.getMessage().startswith("step 4: train/loss"))
     mean = float(re.search(r"train/loss ([0-9.nai]+)", line)[1])
     logged = read_scalars(f"{cfg_tiny.run_dir}/tensorboard")[0]["train/loss"].values  # steps 1..4, copied by Lightning
     assert math.isfinite(mean) and mean == pytest.approx(sum(logged) / len(logged), abs=1e-3)

@@ -258,41 +258,37 @@ def start_up_line(caplog) -> str:
     return next(r.getMessage() for r in caplog.records if r.getMessage().startswith(STARTUP))
 
 
-def test_a_run_says_where_its_start_up_went(cfg_tiny, caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # Lightning logs to its own handler
+def test_a_run_says_where_its_start_up_went(cfg_tiny, run_log, monkeypatch):
     with open_dict(cfg_tiny):
         cfg_tiny.trainer.max_steps = 2
     monkeypatch.setattr(train, "LAUNCHED", None)  # as for a multirun's next job: launched when train() starts
     config.quiet_known_noise()  # as main() does
     started = time.perf_counter()
-    with caplog.at_level(logging.INFO):
-        train.train(cfg_tiny)
+    train.train(cfg_tiny)
     wall = time.perf_counter() - started
-    line = start_up_line(caplog)
+    line = start_up_line(run_log)
     phases = parse_startup(line)
     total = phases.pop("total")
     assert list(phases) == ["imports", "data and model", "trainer set-up", "first step"], line
     assert all(seconds >= 0 for seconds in phases.values()), line
     assert 0 < total <= wall + 0.05, line  # the start-up is part of the run, not more
     assert "compilation" not in line
-    assert not any("litlogger" in r.getMessage() for r in caplog.records)  # Lightning's advert is left out
+    assert not any("litlogger" in r.getMessage() for r in run_log.records)  # Lightning's advert is left out
 
 
 @pytest.mark.slow
-def test_regional_compilation_trains_with_every_callback_and_compiles_once(cfg_tiny, caplog, monkeypatch):
+def test_regional_compilation_trains_with_every_callback_and_compiles_once(cfg_tiny, run_log):
     """Validation, samples, attention maps and both graphs run the compiled model eagerly: one graph in all."""
-    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     with open_dict(cfg_tiny):
         cfg_tiny.compile = "regional"
         cfg_tiny.trainer.max_steps = 10
         cfg_tiny.trainer.val_check_interval = 5
     graphs = counters["stats"]["unique_graphs"]
-    with caplog.at_level(logging.INFO):
-        metrics = train.train(cfg_tiny)
+    metrics = train.train(cfg_tiny)
     assert metrics["step"] == 10 and math.isfinite(metrics["val/loss"])
     assert counters["stats"]["unique_graphs"] - graphs == 1
-    assert "(compilation included)" in start_up_line(caplog)
-    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # e.g. the TensorBoard graph
+    assert "(compilation included)" in start_up_line(run_log)
+    warned = [r.getMessage() for r in run_log.records if r.levelno >= logging.WARNING]  # e.g. the TensorBoard graph
     assert not [w for w in warned if "Graphviz's `dot` program is not installed" not in w]
     checkpoint = torch.load(f"{cfg_tiny.run_dir}/checkpoints/last.ckpt", weights_only=True)
     assert not [k for k in checkpoint["state_dict"] if "_orig_mod" in k]  # loads into an uncompiled model
