@@ -8,8 +8,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from minigpt import schema
 from minigpt.checkpoint import checkpoint_path, find_checkpoint, read_model
-from minigpt.checks import is_number, is_whole
 from minigpt.tokenizer import unescape
 
 # Logits divided by less can overflow to inf (the logits' scale is ~10; float32 ends at ~3e38), and sampling fails.
@@ -18,26 +18,20 @@ MIN_TEMPERATURE = 1e-6
 
 def sample(cfg: DictConfig) -> list[str]:
     """`cfg.num_samples` continuations of `cfg.prompt`, each starting with the prompt."""
+    schema.check(cfg, schema.Sample)
     ckpt_path = checkpoint_path(cfg, "python sample.py")
     for name in ("max_new_tokens", "num_samples") + (("top_k",) if cfg.top_k is not None else ()):
-        if not is_whole(cfg[name]) or cfg[name] <= 0:
+        if cfg[name] <= 0:
             raise ValueError(
                 f"{name} must be a positive whole number, got {cfg[name]!r}"
                 + (" (or null: sample among all tokens)" if name == "top_k" else "")
             )
-    if not (is_number(cfg.temperature) and cfg.temperature >= MIN_TEMPERATURE):
+    if not cfg.temperature >= MIN_TEMPERATURE:  # nan too
         raise ValueError(
             f"temperature must be a number of at least {MIN_TEMPERATURE:g}, got {cfg.temperature!r} (use a "
             "small value, e.g. 0.1, for near-greedy sampling)"
         )
-    if not is_whole(cfg.seed):
-        raise ValueError(f"seed must be a whole number, got {cfg.seed!r}")
-    if cfg.prompt is not None and not isinstance(cfg.prompt, str):
-        raise ValueError(
-            f"prompt must be text, but the command line gave the {type(cfg.prompt).__name__} "
-            f"{cfg.prompt!r}: quote it, e.g. 'prompt=\"{cfg.prompt}\"'"
-        )
-    prompt_text = unescape(cfg.prompt or "")
+    prompt_text = unescape(str(cfg.prompt))  # prompt=123 comes as a number
     if not prompt_text:
         raise ValueError("prompt must not be empty: give at least one character, e.g. 'prompt=\\n' (a newline)")
     device = pick_device(cfg.device)

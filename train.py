@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from minigpt import config, multirun, resume  # noqa: E402  (config registers the resolvers the YAML files use)
+from minigpt import config, multirun, resume, schema  # noqa: E402  (config registers the resolvers the YAML files use)
 from minigpt.budget import apply_token_budget  # noqa: E402
 from minigpt.build import (  # noqa: E402
     log_global_batch,
@@ -39,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     startup = StartupTimes(take_launch_time(), compiled=cfg.compile is not False)
     startup.mark("imports")  # and composing the config
+    schema.check(cfg, schema.Train)  # types first: the token budget computes with them
     apply_token_budget(cfg)  # where the run's length and batch are given in tokens (experiment=pretrain)
     config.validate(cfg)
     L.seed_everything(cfg.seed, workers=True)

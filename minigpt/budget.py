@@ -15,7 +15,6 @@ from lightning.pytorch.strategies import Strategy
 from omegaconf import DictConfig
 
 from minigpt.build import planned_strategy
-from minigpt.checks import as_typed, is_number, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,10 @@ def apply_token_budget(cfg: DictConfig, processes: int | None = None) -> None:
     processes = processes or processes_of(planned_strategy(cfg))
     batch, block = cfg.data.batch_size, cfg.data.block_size
     micro = batch * block * processes  # tokens of one micro-batch over every process
-    if not (is_whole(per_step) and per_step > 0) or per_step % micro:
-        fits = [per_step // micro * micro, (per_step // micro + 1) * micro] if is_whole(per_step) else [micro]
+    if per_step <= 0 or per_step % micro:
+        fits = [per_step // micro * micro, (per_step // micro + 1) * micro]
         raise ValueError(
-            f"data.tokens_per_step={as_typed(per_step)} is not a whole number of micro-batches of data.batch_size="
+            f"data.tokens_per_step={per_step} is not a whole number of micro-batches of data.batch_size="
             f"{batch} x data.block_size={block} tokens x {processes} process(es) (devices x nodes) = {micro} tokens: "
             f"give a multiple of {micro} (e.g. {' or '.join(str(f) for f in fits if f > 0)}) or another "
             "data.batch_size"
@@ -47,7 +46,7 @@ def apply_token_budget(cfg: DictConfig, processes: int | None = None) -> None:
     accumulate = per_step // micro
     cfg.trainer.accumulate_grad_batches = accumulate
     if tokens is not None:
-        if not (is_number(tokens) and tokens > 0):
+        if not tokens > 0:
             raise ValueError(f"tokens is the run's length in tokens, e.g. tokens=1e9; got {tokens!r}")
         cfg.trainer.max_steps = math.ceil(tokens / per_step)
     if cfg.get("val_every_n_steps") is not None:  # Lightning counts validation in batches, not optimizer steps

@@ -1,8 +1,8 @@
 """The run's configuration: the resolvers its YAML files use, and the checks of settings that no library makes.
 
-OmegaConf, Hydra and Lightning refuse most bad settings themselves; `validate` holds what they do not see: whole
-numbers Hydra passes on as floats, relations between settings, settings that a run measured in steps ignores, and
-process counts under torchrun, each with a message that names the setting to give instead.
+minigpt/schema.py gives every setting its type, which OmegaConf checks; `validate` holds what no type states:
+ranges, relations between settings, settings that a run measured in steps ignores, and process counts under
+torchrun, each with a message that names the setting to give instead.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-
-from minigpt.checks import as_typed, is_number, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +75,14 @@ def validate(cfg: DictConfig) -> None:
             f"optimizer.name={cfg.optimizer.name} renames optimizer={choice} and keeps its settings (lr "
             f"{cfg.optimizer.lr}, ...): choose optimizer={cfg.optimizer.name}, which brings its own."
         )
-    if not is_whole(cfg.seed):
-        raise ValueError(f"seed must be a whole number, got {as_typed(cfg.seed)}")
-    if is_whole(cfg.data.block_size) and is_whole(cfg.model.block_size) and cfg.data.block_size > cfg.model.block_size:
+    if cfg.data.block_size > cfg.model.block_size:
         raise ValueError(
             f"data.block_size={cfg.data.block_size} is longer than the model's context, model.block_size="
             f"{cfg.model.block_size}: data.block_size follows model.block_size by default. Leave data.block_size "
             f"out, or (in a new run) set model.block_size={cfg.data.block_size} instead."
         )
     validate_trainer(cfg.trainer)
-    if is_whole(warmup := cfg.scheduler.get("warmup_steps", 0)) and warmup >= cfg.trainer.max_steps:
+    if cfg.scheduler.warmup_steps >= cfg.trainer.max_steps:
         log.warning(
             "scheduler.warmup_steps=%d is not below trainer.max_steps=%d: the learning rate never reaches its peak",
             cfg.scheduler.warmup_steps,
@@ -101,16 +97,16 @@ def validate_trainer(trainer: DictConfig) -> None:
                 f"trainer.{key}={trainer[key]}: a minigpt run is one endless epoch of random windows, counted in "
                 f"steps, so {key} would be ignored or would repeat the same windows. Use {instead}."
             )
+    # max_steps too: a run is one endless epoch, which Lightning's max_steps=-1 ("no limit") would never end
     for key, unit in (
         ("max_steps", "optimizer steps"),
         ("accumulate_grad_batches", "batches"),
         ("val_check_interval", "batches"),
         ("log_every_n_steps", "optimizer steps"),
     ):
-        value = trainer.get(key, None if key == "max_steps" else 1)  # a run of one endless epoch needs max_steps
-        if not (is_whole(value) and value > 0):
-            raise ValueError(f"trainer.{key} must be a positive whole number of {unit}, got {as_typed(value)}")
-    every, accumulate = trainer.val_check_interval, trainer.get("accumulate_grad_batches", 1)
+        if trainer[key] <= 0:
+            raise ValueError(f"trainer.{key} must be a positive whole number of {unit}, got {trainer[key]}")
+    every, accumulate = trainer.val_check_interval, trainer.accumulate_grad_batches
     if every % accumulate:
         raise ValueError(
             f"trainer.val_check_interval={every} batches is not a whole number of optimizer steps of "
@@ -118,7 +114,7 @@ def validate_trainer(trainer: DictConfig) -> None:
             f"through a step and could not be resumed exactly. Use a multiple of {accumulate}."
         )
     clip = trainer.get("gradient_clip_val")
-    if clip is not None and not (is_number(clip) and clip >= 0):
+    if clip is not None and clip < 0:
         raise ValueError(
             f"trainer.gradient_clip_val must be a norm >= 0 (0 or null: no clipping), got {clip!r}: a negative one "
             "turns the gradients around"
@@ -146,7 +142,7 @@ def check_torchrun_processes(trainer: DictConfig) -> None:
     nodes = int(os.environ.get("WORLD_SIZE", per_node)) // per_node
     devices, num_nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     # devices=-1 (every GPU) or auto: Lightning counts them and compares
-    if num_nodes != nodes or (is_whole(devices) and devices > 0 and devices != per_node):
+    if num_nodes != nodes or (isinstance(devices, int) and devices > 0 and devices != per_node):
         raise ValueError(
             f"torchrun started {per_node} processes per node on {nodes} node(s), which trainer.devices={devices} "
             f"trainer.num_nodes={num_nodes} do not match: give trainer.devices={per_node} trainer.num_nodes={nodes} "
@@ -159,9 +155,9 @@ def check_cpu_processes(trainer: DictConfig) -> None:
     devices = trainer.get("devices", 1)
     if devices == "auto":
         return
-    if not (is_whole(devices) and devices > 0):
+    if not (isinstance(devices, int) and devices > 0):
         raise ValueError(
-            f"trainer.devices={as_typed(devices)}: on the CPU it is how many processes train (one, or with "
+            f"trainer.devices={devices!r}: on the CPU it is how many processes train (one, or with "
             "trainer=ddp_cpu several, 2 by default), a whole number of at least 1; -1 (every device) is for GPUs"
         )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -17,7 +17,6 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from minigpt.atomic import atomic_write
-from minigpt.checks import as_typed, is_number, is_whole
 from minigpt.corpus import Corpus, TokenFile, make_cache_folder, not_text, tokenize_corpus
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
@@ -143,27 +142,20 @@ class RandomWindows(IterableDataset):
             i += step
 
 
-def check_settings(
-    block_size: int, batch_size: int, train_fraction: float, val_batches: int | None, seed: int, val_seed: int
-) -> None:
-    if not (is_whole(batch_size) and is_whole(block_size) and batch_size > 0 and block_size > 0):
+def check_settings(block_size: int, batch_size: int, train_fraction: float, val_batches: int | None) -> None:
+    if batch_size <= 0 or block_size <= 0:
         raise ValueError(
-            f"data.batch_size and data.block_size must be positive whole numbers, got "
-            f"{as_typed(batch_size)} and {as_typed(block_size)}"
+            f"data.batch_size and data.block_size must be positive whole numbers, got {batch_size} and {block_size}"
         )
-    if not (is_number(train_fraction) and 0.0 < train_fraction < 1.0):
+    if not 0.0 < train_fraction < 1.0:
         raise ValueError(
             f"data.train_fraction is the share of the text that trains, the rest validating: above 0 "
             f"and below 1 (0.9 by default), got {train_fraction!r}"
         )
-    if val_batches is not None and not (is_whole(val_batches) and val_batches > 0):
+    if val_batches is not None and val_batches <= 0:
         raise ValueError(
-            f"data.val_batches must be a positive whole number, or null for the whole split, got "
-            f"{as_typed(val_batches)}"
+            f"data.val_batches must be a positive whole number, or null for the whole split, got {val_batches}"
         )
-    for name, value in (("seed", seed), ("val_seed", val_seed)):
-        if not is_whole(value):
-            raise ValueError(f"data.{name} must be a whole number, got {as_typed(value)}")
 
 
 def check_cache_dir(cache_dir: str) -> None:
@@ -279,7 +271,7 @@ class TextDataModule(WindowsDataModule):
         tokens_on_gpu: bool = True,
     ):
         super().__init__()
-        check_settings(block_size, batch_size, train_fraction, val_batches, seed, val_seed)
+        check_settings(block_size, batch_size, train_fraction, val_batches)
         check_cache_dir(cache_dir)
         self.save_hyperparameters()
         self.cache_file = Path(cache_dir).expanduser() / name / (Path(url).name if url else "input.txt")
@@ -335,7 +327,7 @@ class CorpusDataModule(WindowsDataModule):
             raise ValueError(
                 "data=text reads data.path: give a UTF-8 text file or a folder of them, e.g. data.path=/data/my_corpus"
             )
-        check_settings(block_size, batch_size, train_fraction, val_batches, seed, val_seed)
+        check_settings(block_size, batch_size, train_fraction, val_batches)
         check_cache_dir(cache_dir)
         if num_workers < 0:
             raise ValueError(

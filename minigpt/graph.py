@@ -18,7 +18,6 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchviz import make_dot
 
-from minigpt.checks import as_typed, is_whole
 from minigpt.model import GPT
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,9 @@ def first_blocks(model: GPT, blocks: int) -> GPT:
 
 
 def check_blocks(blocks: object, setting: str = "blocks") -> None:
-    if blocks is not None and (not is_whole(blocks) or blocks < 1):
+    if blocks is not None and blocks < 1:
         raise ValueError(
-            f"{setting}={as_typed(blocks)}: it is how many transformer blocks the graph draws, from the "
+            f"{setting}={blocks}: it is how many transformer blocks the graph draws, from the "
             "first: a whole number of at least 1, or null for all of them"
         )
 

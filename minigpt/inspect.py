@@ -29,11 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torchviz import make_dot
 
-from minigpt import plots
+from minigpt import plots, schema
 from minigpt.callbacks.attention_maps import attention_figures
 from minigpt.callbacks.gradient_health import measure
 from minigpt.checkpoint import checkpoint_path, find_checkpoint, run_folder_of
-from minigpt.checks import is_number
 from minigpt.data import WindowsDataModule
 from minigpt.graph import check_blocks, check_graph_file, render_autograd_graph, write_graph
 from minigpt.model import GPT
@@ -48,17 +47,16 @@ INSPECTIONS = ("grads", "attention", "graph", "autograd", "step")
 def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
     """Run the inspection `cfg.what` on `cfg.ckpt_path`; returns the files written. With `data_from_run`, the text
     comes from the data settings the run recorded, where its folder has them."""
+    schema.check(cfg, schema.Inspect)
     if cfg.what not in INSPECTIONS:
         raise ValueError(f"what={cfg.what} is not one of {', '.join(INSPECTIONS)}")
     if cfg.what in ("graph", "autograd"):
         check_graph_file(cfg.graph_file, "graph_file")
     if cfg.what == "graph":
         check_blocks(cfg.graph_blocks, "graph_blocks")
-    if cfg.what == "step" and not (is_number(cfg.step_lr) and cfg.step_lr > 0):
+    if cfg.what == "step" and not cfg.step_lr > 0:
         raise ValueError(f"step_lr is the learning rate of the step: a positive number, got {cfg.step_lr!r}")
     if cfg.what == "autograd":
-        if not is_number(cfg.x):
-            raise ValueError(f"x is where dy/dx is taken: a number, got {cfg.x!r}")
         out_dir = Path(cfg.out_dir or "outputs/inspect")
         text, picture = autograd_example(float(cfg.x), out_dir / f"autograd{Path(cfg.graph_file).suffix}")
         print(text)

@@ -15,8 +15,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from minigpt.checks import as_typed, is_number, is_whole
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -145,8 +143,8 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             value = getattr(self, name)
-            if not is_whole(value) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {as_typed(value)}")
+            if value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): each head gets "
@@ -158,7 +156,7 @@ class GPTConfig:
                 f"{self.n_embd // self.n_head}. Pick n_head among "
                 f"{[d for d in _divisors(self.n_embd) if (self.n_embd // d) % 2 == 0]} or set rope=false."
             )
-        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+        if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 

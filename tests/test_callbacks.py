@@ -251,12 +251,14 @@ def test_a_shortened_graph_is_drawn_with_the_models_own_weights():
         assert torch.equal(weight, own[name]), name
 
 
-@pytest.mark.parametrize("blocks", [0, 1.0, "one", True])
-def test_a_graph_of_no_blocks_is_refused_before_training(blocks):
-    from minigpt.callbacks.graph import ComputationGraph
-
-    with pytest.raises(ValueError, match=r"callbacks.computation_graph.blocks=.*: it is how many transformer blocks"):
-        ComputationGraph(blocks=blocks)
+@pytest.mark.parametrize("blocks", ["0", "1.0", "one", "true"])
+def test_a_graph_of_no_blocks_is_refused_before_training(blocks, text_file, tmp_path):
+    cfg = compose_train(TINY + [f"data.path={text_file}", f"callbacks.computation_graph.blocks={blocks}"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    message = "blocks=0: it is how many transformer blocks" if blocks == "0" else "could not be converted to Integer"
+    with pytest.raises(Exception, match=message):  # Hydra's InstantiationException wraps the callback's ValueError
+        train.train(cfg)
 
 
 def test_graph_without_graphviz_writes_the_source_and_how_to_render_it(tmp_path, monkeypatch, caplog):

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch._dynamo.utils import counters
 
 import train
-from minigpt import build, config, errors
+from minigpt import build, config, errors, schema
 from minigpt.callbacks.startup import PREFIX as STARTUP
 from minigpt.callbacks.startup import parse_startup
 from minigpt.checkpoint import find_checkpoint, read_model
@@ -158,6 +158,7 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
     cfg = compose_train([f"{group}={option}", f"data.path={text_file}", *short])
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
+    schema.check(cfg, schema.Train)  # every setting the project ships has its type
     datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, WindowsDataModule)
     datamodule.setup("fit")
@@ -178,6 +179,14 @@ def test_every_config_composes_and_instantiates(group, option, text_file, tmp_pa
     else:
         module.trainer = build.make_trainer(cfg, [], [])
         module.configure_optimizers()  # the optimizer and the schedule, built from their settings
+
+
+def test_types_are_checked_and_open_groups_take_more_settings():
+    schema.check(
+        compose_train(["+trainer.detect_anomaly=true", "+optimizer.eps=1e-6", "trainer.max_steps=10"]), schema.Train
+    )
+    with pytest.raises(ValueError, match="could not be converted to Integer\\s+full_key: model.n_head"):
+        schema.check(compose_train(["model.n_head=4.0"]), schema.Train)
 
 
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
