@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
 from lightning.pytorch.trainer.states import RunningStage
 from omegaconf import OmegaConf, open_dict
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import append_results, machine_summary  # noqa: E402
-from benchmarks.throughput import sync  # noqa: E402
+from benchmarks.throughput import fit_timed, sync  # noqa: E402
 from minigpt import build, config  # noqa: E402, F401  (config registers the resolvers the YAML files use)
 from minigpt.budget import apply_token_budget  # noqa: E402
 from minigpt.callbacks.throughput import Throughput, training_flops_per_token  # noqa: E402
@@ -40,23 +39,6 @@ from minigpt.module import make_optimizer, make_schedule  # noqa: E402
 from minigpt.prepare import CONF  # noqa: E402
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "data.batch_size=4"]
-
-
-class StepClock(L.Callback):
-    """Wall time from the end of optimizer step `warmup` to the end of training. With accumulation the hook runs after
-    every micro-batch, and several see step `warmup`: the first of them starts the clock."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, None, None
-
-    def on_train_batch_end(self, trainer, *_):
-        if trainer.global_step == self.warmup and self.start is None:
-            sync(trainer.strategy.root_device)
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, *_):
-        sync(trainer.strategy.root_device)
-        self.end = time.perf_counter()
 
 
 def overrides(args) -> list[str]:
@@ -93,16 +75,9 @@ def compose(args, run_dir: str):
 def run_lightning(args, datamodule) -> tuple[float, dict[str, float]]:
     """Seconds of the timed steps, and what Lightning's ThroughputMonitor computed over its last window."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose(args, run_dir)
-        L.seed_everything(cfg.seed, verbose=False)
-        module = build.make_module(cfg, datamodule)
-        compile_model(module.model, cfg.compile, cfg.compile_mode)
-        clock = StepClock(args.warmup)
-        callbacks, loggers = build.make_callbacks_and_loggers(cfg)
-        trainer = build.make_trainer(cfg, [clock, *callbacks], loggers)
-        trainer.fit(module, datamodule=datamodule)
+        seconds, callbacks = fit_timed(compose(args, run_dir), datamodule, args.warmup)
         monitor = next(c for c in callbacks if isinstance(c, Throughput))
-        return clock.end - clock.start, monitor._throughputs[RunningStage.TRAINING].compute()
+        return seconds, monitor._throughputs[RunningStage.TRAINING].compute()
 
 
 def run_plain(args, datamodule) -> float:

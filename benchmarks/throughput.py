@@ -80,13 +80,14 @@ def sync(device: torch.device) -> None:
 
 
 class StepClock(L.Callback):
-    """Wall time of optimizer steps warmup+1 .. warmup+steps inside a Lightning run."""
+    """Wall time of optimizer steps warmup+1 .. max_steps inside a Lightning run. With accumulation the hook runs after
+    every micro-batch, and several see step `warmup`: the first of them starts the clock."""
 
     def __init__(self, warmup: int):
         self.warmup, self.start, self.end = warmup, None, None
 
     def on_train_batch_end(self, trainer, *_):
-        if trainer.global_step == self.warmup:
+        if trainer.global_step == self.warmup and self.start is None:
             sync(trainer.strategy.root_device)
             self.start = CLOCK[0]()
         elif trainer.global_step == trainer.max_steps:
@@ -133,18 +134,22 @@ def run_ddp(args, datamodule: TextDataModule) -> float:
         return float(seconds_file.read_text())
 
 
+def fit_timed(cfg, datamodule, warmup: int) -> tuple[float, list[L.Callback]]:
+    """A run as train.py builds it (module, callbacks, loggers, trainer): the seconds of its steps after `warmup`,
+    and its callbacks."""
+    L.seed_everything(cfg.seed, verbose=False)
+    module = build.make_module(cfg, datamodule)
+    compile_model(module.model, cfg.compile, cfg.compile_mode)
+    clock = StepClock(warmup)
+    callbacks, loggers = build.make_callbacks_and_loggers(cfg)
+    trainer = build.make_trainer(cfg, [clock, *callbacks], loggers)
+    trainer.fit(module, datamodule=datamodule)
+    return clock.end - clock.start, callbacks
+
+
 def run_lightning(args, datamodule: TextDataModule) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose_cfg(args, run_dir)
-        L.seed_everything(cfg.seed, verbose=False)
-        module = build.make_module(cfg, datamodule)
-        compile_model(module.model, cfg.compile, cfg.compile_mode)
-        clock = StepClock(args.warmup)
-        callbacks, loggers = build.make_callbacks_and_loggers(cfg)
-        callbacks.insert(0, clock)
-        trainer = build.make_trainer(cfg, callbacks, loggers)
-        trainer.fit(module, datamodule=datamodule)
-        return clock.end - clock.start
+        return fit_timed(compose_cfg(args, run_dir), datamodule, args.warmup)[0]
 
 
 def time_steps(step, args, device: torch.device, profiler=None) -> float:
