@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from fsspec.utils import get_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from minigpt.atomic import atomic_write
@@ -26,7 +26,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Loads with `weights_only=True` always, with errors that name the file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
-        if not _is_local_file_protocol(path):  # object stores replace a key atomically on their own
+        if get_protocol(str(path)) != "file":  # object stores replace a key atomically on their own
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
@@ -38,6 +38,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if weights_only is False:
             raise ValueError("minigpt loads checkpoints with weights_only=True only: a checkpoint must not run code")
-        if not _is_local_file_protocol(path):
+        if get_protocol(str(path)) != "file":
             return super().load_checkpoint(path, map_location, weights_only=True)
         return load_checkpoint(path, map_location)

@@ -30,7 +30,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         step = trainer.global_step
-        if self._should_update(step, self.train_progress_bar.total):  # every `refresh_rate` steps: cheap
+        if step % self.refresh_rate == 0 or step == self.train_progress_bar.total:  # every `refresh_rate` steps
             self.train_progress_bar.n = step
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             self.train_progress_bar.refresh()
