@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig, open_dict
 
 import train
-from tests.helpers import ROOT, TINY, compose_train, make_text
+from tests.helpers import NO_PICTURES, TINY, compose_train, make_text, run_python
 
 
 @pytest.fixture(scope="session")
@@ -63,27 +61,18 @@ def multirun_dir(text_file, tmp_path_factory) -> Path:
         "trainer.max_steps=10",
         "trainer.val_check_interval=5",
         "logger=[tensorboard,csv]",
-        "~callbacks.computation_graph",
-        "~callbacks.attention_maps",
-        "~callbacks.text_samples",
-    ]  # only events needed
+        *NO_PICTURES,  # only events needed
+    ]
     # job folders are named by the swept override only: all of them would make a name too long for the file system
     fixed = ",".join(["data.path"] + [o.split("=")[0].lstrip("~") for o in overrides])
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "optimizer=adamw,sgd",
-            *overrides,
-            f"data.path={text_file}",
-            f"hydra.sweep.dir={sweep_dir}",
-            f"hydra.job.config.override_dirname.exclude_keys=[{fixed}]",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run_python(
+        "train.py",
+        "-m",
+        "optimizer=adamw,sgd",
+        *overrides,
+        f"data.path={text_file}",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.job.config.override_dirname.exclude_keys=[{fixed}]",
         timeout=300,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
     return sweep_dir

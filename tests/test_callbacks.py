@@ -253,9 +253,7 @@ def test_a_shortened_graph_is_drawn_with_the_models_own_weights():
 
 @pytest.mark.parametrize("blocks", ["0", "1.0", "one", "true"])
 def test_a_graph_of_no_blocks_is_refused_before_training(blocks, text_file, tmp_path):
-    cfg = compose_train(TINY + [f"data.path={text_file}", f"callbacks.computation_graph.blocks={blocks}"])
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path)
+    cfg = compose_train(TINY + [f"data.path={text_file}", f"callbacks.computation_graph.blocks={blocks}"], tmp_path)
     message = "blocks=0: it is how many transformer blocks" if blocks == "0" else "could not be converted to Integer"
     with pytest.raises(Exception, match=message):  # Hydra's InstantiationException wraps the callback's ValueError
         train.train(cfg)
@@ -291,10 +289,9 @@ def test_progress_bar_counts_optimizer_steps_not_epochs(text_file, tmp_path, cap
     cfg = compose_train(
         [o for o in TINY if o != "~callbacks.progress_bar"]
         + [f"data.path={text_file}", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=none"]
-        + ["trainer.log_every_n_steps=2"]
+        + ["trainer.log_every_n_steps=2"],
+        run_dir=tmp_path,
     )
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path)
     train.train(cfg)
     out = capsys.readouterr().out
     assert "train: 100%" in out and " 4/4 " in out

@@ -6,14 +6,11 @@ import logging
 import os
 import pickle
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
 
 import minigpt.corpus as corpus
 import train
@@ -22,7 +19,7 @@ from minigpt.data import CorpusDataModule, RandomWindows, TextDataModule, window
 from minigpt.inspect import inspect
 from minigpt.resume import check_resumable
 from minigpt.tokenizer import BPETokenizer, CharTokenizer, token_dtype
-from tests.helpers import ROOT, TINY, compose_train, make_text
+from tests.helpers import TINY, compose_train, make_text, run_python
 from tests.test_inspect import compose_inspect
 
 
@@ -316,10 +313,9 @@ def test_train_and_sample_on_a_folder(tokenizer, folder, tmp_path):
             "trainer.max_steps=10",
             f"data.num_workers={int(tokenizer == 'char')}",  # and through a loader worker
             "trainer.val_check_interval=10",
-        ]
+        ],
+        run_dir=tmp_path / "run",
     )
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path / "run")
     metrics = train.train(cfg)
     assert metrics["step"] == 10 and np.isfinite(metrics["val/loss"])
     assert (
@@ -343,14 +339,7 @@ def test_train_and_sample_on_a_folder(tokenizer, folder, tmp_path):
     for file in (tmp_path / "cache").rglob("*"):
         if file.is_file():
             file.unlink()
-    out = subprocess.run(
-        [sys.executable, "sample.py", f"ckpt_path={tmp_path / 'run'}", "prompt=KING:", "max_new_tokens=20"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_python("sample.py", f"ckpt_path={tmp_path / 'run'}", "prompt=KING:", "max_new_tokens=20")
     assert out.stdout.startswith("KING:") and len(out.stdout) > len("KING:")
 
 
@@ -402,9 +391,8 @@ def test_loader_workers_give_the_same_stream(folder, tmp_path):
 
 def test_a_sample_prompt_outside_the_corpus_is_refused_before_training(tmp_path):
     (tmp_path / "lower.txt").write_text("all in lower case, with no capitals at all.\n" * 40)
-    cfg = compose_train(TINY + ["data=text", f"data.path={tmp_path / 'lower.txt'}", f"data.cache_dir={tmp_path}"])
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path / "run")
+    overrides = ["data=text", f"data.path={tmp_path / 'lower.txt'}", f"data.cache_dir={tmp_path}"]
+    cfg = compose_train(TINY + overrides, run_dir=tmp_path / "run")
     with pytest.raises(ValueError, match=r"callbacks.text_samples.prompt='ROMEO:' cannot be encoded: .*'R'"):
         train.train(cfg)
     assert not list((tmp_path / "run").rglob("*.ckpt"))
@@ -419,11 +407,5 @@ def test_a_sample_prompt_outside_the_corpus_is_refused_before_training(tmp_path)
     ],
 )
 def test_the_command_line_names_what_is_missing(args, message, tmp_path):
-    out = subprocess.run(
-        [sys.executable, "train.py", *args, "trainer=cpu", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_python("train.py", *args, "trainer=cpu", f"hydra.run.dir={tmp_path}", check=False)
     assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr

@@ -81,15 +81,12 @@ def test_reduce_overhead_compiles_trains_validates_and_samples(cfg_tiny):
 @pytest.mark.slow
 def test_a_run_that_compiles_nothing_does_not_load_inductor_for_cuda_graphs():
     """Marking a CUDA-graph step would import Inductor (seconds) into every run; it waits until Inductor is loaded."""
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
+    from tests.helpers import run_python
 
     code = (
         "import sys, torch, train; from minigpt.model import GPT, GPTConfig; "
         "GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=32)).generate("
         "torch.zeros(1, 2, dtype=torch.long), 3); print('torch._inductor.cudagraph_trees' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = run_python("-c", code)
     assert out.stdout.strip() == "False"

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import open_dict
 
 import train
-from tests.helpers import ROOT, compose_train
+from tests.helpers import compose_train, run_python
 
 
 def debug_run(name: str, text_file: Path, tmp_path: Path, *overrides: str) -> dict[str, float]:
-    cfg = compose_train([f"debug={name}", f"data.path={text_file}", *overrides])
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path)
-    return train.train(cfg)
+    return train.train(compose_train([f"debug={name}", f"data.path={text_file}", *overrides], run_dir=tmp_path))
 
 
 def test_debug_fdr_runs_one_batch_of_each_and_writes_no_checkpoint(text_file, tmp_path):
@@ -45,7 +39,7 @@ def test_debug_profiler_writes_lightnings_simple_profile(text_file, tmp_path):
 
 def test_help_lists_each_commands_own_options():
     def help_of(*command: str) -> str:
-        return subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+        return run_python(*command, "--help").stdout
 
     train_help = help_of("train.py")
     assert "debug: default, fdr, profiler, smoke" in train_help and "tags: []" in train_help

@@ -19,7 +19,7 @@ import sample
 import train
 from minigpt.callbacks.divergence import NonFiniteLossError
 from minigpt.checkpoint import load_checkpoint
-from tests.helpers import ROOT, TINY, compose_sample, compose_train, make_text
+from tests.helpers import ROOT, TINY, compose_sample, compose_train, make_text, run_python
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
@@ -149,9 +149,9 @@ def test_bad_inputs_get_a_clear_message_and_lose_nothing(case, earlier_run, text
         checkpoint["datamodule_hyper_parameters"]["path"] = compose_train(overrides).data.path
         torch.save(checkpoint, last)
     # a resume of the earlier run, with one mistake: the resume points run_dir at the earlier run's folder
-    cfg = compose_train(TINY + [f"data.path={text_file}", f"ckpt_path={earlier_run}"] + overrides)
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path / "new")
+    cfg = compose_train(
+        TINY + [f"data.path={text_file}", f"ckpt_path={earlier_run}"] + overrides, run_dir=tmp_path / "new"
+    )
     before = snapshot(earlier_run, text_file.parent, tmp_path)
     with pytest.raises(Exception, match=message):
         train.train(cfg)
@@ -214,13 +214,7 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_before_anything_is_writ
             "would replace.* Give the resume another hydra.run.dir \\(e.g. .*-resumed",
         ),
     ]:
-        out = subprocess.run(
-            [sys.executable, "train.py", *args, *TINY, f"data.path={text_file}"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = run_python("train.py", *args, *TINY, f"data.path={text_file}", check=False)
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert re.search(message, out.stderr), out.stderr
         assert snapshot(earlier_run) == before  # .hydra included: refused before Hydra writes
@@ -253,13 +247,7 @@ def test_a_run_folder_that_another_run_is_writing_is_refused(text_file, tmp_path
             ([f"hydra.run.dir={folder}"], "hydra.run.dir"),
             ([f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'resumed'}"], "ckpt_path"),
         ]:
-            out = subprocess.run(
-                [sys.executable, "train.py", *TINY, f"data.path={text_file}", *args],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            out = run_python("train.py", *TINY, f"data.path={text_file}", *args, check=False)
             assert first.poll() is None  # still writing while the second one looked
             assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
             assert f"error: {key}={folder} is being written by another run that is still going" in out.stderr
@@ -271,20 +259,14 @@ def test_a_run_folder_that_another_run_is_writing_is_refused(text_file, tmp_path
 
 @pytest.mark.slow
 def test_a_bug_keeps_its_traceback_on_the_console_and_in_train_log(text_file, tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            *TINY,
-            f"data.path={text_file}",
-            f"hydra.run.dir={tmp_path}",
-            "+callbacks.bug._target_=tests.crash.RaiseAt",
-            "+callbacks.bug.step=3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = run_python(
+        "train.py",
+        *TINY,
+        f"data.path={text_file}",
+        f"hydra.run.dir={tmp_path}",
+        "+callbacks.bug._target_=tests.crash.RaiseAt",
+        "+callbacks.bug.step=3",
+        check=False,
     )
     assert out.returncode == 1 and "RuntimeError: a bug at step 3" in out.stderr
     log = (tmp_path / "train.log").read_text()
@@ -309,20 +291,14 @@ def test_a_bug_keeps_its_traceback_on_the_console_and_in_train_log(text_file, tm
 )
 def test_the_command_line_prints_one_paragraph_not_a_traceback(args, message, earlier_run, text_file, tmp_path):
     before = snapshot(earlier_run)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            *TINY,
-            f"data.path={text_file}",
-            f"ckpt_path={earlier_run}",
-            *args,
-            f"hydra.run.dir={tmp_path / 'new'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = run_python(
+        "train.py",
+        *TINY,
+        f"data.path={text_file}",
+        f"ckpt_path={earlier_run}",
+        *args,
+        f"hydra.run.dir={tmp_path / 'new'}",
+        check=False,
     )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
@@ -384,21 +360,16 @@ def test_a_multirun_of_8_jobs_keeps_each_jobs_files_apart_and_survives_a_divergi
         "logger=csv",
         "~callbacks.progress_bar",
     ]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "optimizer.lr=1e-3,3e-3,1e6,-1",
-            "seed=1,2",
-            *overrides,
-            f"data.path={text_file}",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    out = run_python(
+        "train.py",
+        "-m",
+        "optimizer.lr=1e-3,3e-3,1e6,-1",
+        "seed=1,2",
+        *overrides,
+        f"data.path={text_file}",
+        f"hydra.sweep.dir={tmp_path}",
         timeout=300,
+        check=False,
     )
     assert out.returncode == 1, out.stderr[-3000:]  # a job failed on a bad input, and the sweep says so
     assert re.search(r"Error executing job with overrides: \['optimizer.lr=-1', 'seed=1'", out.stderr)

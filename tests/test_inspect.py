@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from minigpt.inspect import inspect
-from tests.helpers import CONF, ROOT, assert_is_a_picture, decode_png
+from tests.helpers import CONF, assert_is_a_picture, decode_png, run_python
 
 
 def compose_inspect(overrides):
@@ -24,6 +22,13 @@ def inspect_cfg(trained_run, text_file, tmp_path):
     return lambda *overrides: compose_inspect(
         [f"ckpt_path={trained_run[0]}", f"data.path={text_file}", f"out_dir={tmp_path}", *overrides]
     )
+
+
+@pytest.fixture
+def inspect_command(trained_run, text_file, tmp_path):
+    """python -m minigpt.inspect with the settings of inspect_cfg, in a process of its own."""
+    settings = [f"ckpt_path={trained_run[0]}", f"data.path={text_file}", f"out_dir={tmp_path}"]
+    return lambda *overrides: run_python("-m", "minigpt.inspect", *settings, *overrides)
 
 
 def test_gradient_table_has_every_parameter(inspect_cfg, capsys, trained_run):
@@ -145,23 +150,8 @@ def test_a_run_folder_gives_the_data_it_was_trained_on(trained_run, cfg_tiny_glo
 
 
 @pytest.mark.slow
-def test_inspect_command_line(trained_run, text_file, tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "minigpt.inspect",
-            f"ckpt_path={trained_run[0]}",
-            f"data.path={text_file}",
-            "what=grads",
-            f"out_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_inspect_command_line(inspect_command, tmp_path):
+    out = inspect_command("what=grads")
     assert "mean |grad|" in out.stdout and f"wrote {tmp_path / 'gradient_flow.png'}" in out.stdout
 
 
@@ -241,34 +231,11 @@ def test_the_step_check_catches_an_update_that_is_not_w_minus_lr_times_grad(monk
 
 @pytest.mark.slow
 def test_autograd_from_the_command_line_needs_no_checkpoint(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "minigpt.inspect", "what=autograd", f"out_dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_python("-m", "minigpt.inspect", "what=autograd", f"out_dir={tmp_path}")
     assert "x.grad = 7.0" in out.stdout and "by hand, dy/dx = 2x + 3 = 7.0" in out.stdout
 
 
 @pytest.mark.slow
-def test_warnings_reach_the_command_line(trained_run, text_file, tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "minigpt.inspect",
-            f"ckpt_path={trained_run[0]}",
-            f"data.path={text_file}",
-            "what=attention",
-            "text='ROMEO: the king and queen'",
-            f"out_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_warnings_reach_the_command_line(inspect_command):
+    out = inspect_command("what=attention", "text='ROMEO: the king and queen'")
     assert "text is 25 tokens long, and the model's context is 16" in out.stderr  # not swallowed by Hydra's logging

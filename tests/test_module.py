@@ -1,20 +1,14 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from torch.utils.data import DataLoader, TensorDataset
 
 from minigpt.module import MiniGPTModule, warmup_cosine
-from tests.helpers import ROOT
-
-VOCAB = "\n !,.:;?abcdefghijklmnopqrstuvwxyz"
-SIZES = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
+from tests.helpers import SIZES, VOCAB, fit, run_python
 
 
 def test_module_is_built_by_hand_without_hydra():
@@ -65,16 +59,7 @@ def test_one_sgd_step_is_w_minus_lr_times_grad():
     _, loss = module.model(x, y)
     grads = dict(zip(before, torch.autograd.grad(loss, list(module.model.parameters()))))
 
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
+    fit(module, x, y, steps=1)
     for name, p in module.model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name] - lr * grads[name], rtol=1e-5, atol=1e-7)
 
@@ -156,8 +141,7 @@ def test_sampling_does_not_import_lightning(trained_run):
         f"read_model(find_checkpoint({str(trained_run[0])!r}, prefer='best')); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'torchmetrics'}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_python("-c", code)
     assert out.stdout.strip() == "[]"
 
 

@@ -5,13 +5,10 @@ import io
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from minigpt.module import MiniGPTModule
 from minigpt.optim import Muon, orthogonalize
-
-VOCAB = "\n !,.:;?abcdefghijklmnopqrstuvwxyz"
-SIZES = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
+from tests.helpers import SIZES, VOCAB, fit
 
 
 @pytest.mark.parametrize("rows, cols", [(16, 64), (96, 24), (32, 32)])
@@ -131,17 +128,7 @@ def test_muon_trains_the_model_through_lightning():
     x = torch.randint(len(VOCAB), (8, 16))
     y = torch.roll(x, -1, dims=1)  # a pattern to learn: the next token is the one after it in x
     first = module.model(x, y)[1].item()
-    trainer = L.Trainer(
-        max_steps=30,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        gradient_clip_val=1.0,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=8))
+    fit(module, x, y, steps=30, gradient_clip_val=1.0)
     assert module.model(x, y)[1].item() < first - 1.0
 
 

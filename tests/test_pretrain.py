@@ -7,8 +7,6 @@ import logging
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -31,7 +29,7 @@ from minigpt.model import GPT, Block, GPTConfig
 from minigpt.module import count_cpu_attention_flops
 from minigpt.report import read_scalars
 from minigpt.tokenizer import BPETokenizer
-from tests.helpers import ROOT, compose_train
+from tests.helpers import compose_train, run_python
 
 # experiment=pretrain shrunk to run in seconds on a CPU: 4 windows of 16 tokens per micro-batch, 256 tokens per
 # optimizer step (4 micro-batches on one process, 2 on two), 4 steps of the 1024-token budget.
@@ -65,21 +63,14 @@ def tiny(text_file: Path, cache: Path, *overrides: str) -> list[str]:
     return [*PRETRAIN_TINY, f"data.path={text_file}", f"data.cache_dir={cache}", *overrides]
 
 
-def compose_run(overrides: list[str], run_dir: Path):
-    cfg = compose_train(overrides)
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
-    return cfg
-
-
 def test_the_token_budget_sets_accumulation_length_and_validation_for_any_number_of_processes(text_file, tmp_path):
     for processes, accumulate in ((1, 4), (2, 2), (4, 1)):
-        cfg = compose_run(tiny(text_file, tmp_path), tmp_path)
+        cfg = compose_train(tiny(text_file, tmp_path), tmp_path)
         apply_token_budget(cfg, processes)
         assert cfg.trainer.accumulate_grad_batches == accumulate
         assert cfg.trainer.max_steps == 4  # 1024 tokens / 256 per step, whatever the processes
         assert cfg.trainer.val_check_interval == 2 * accumulate  # batches: every 2 optimizer steps
-    cfg = compose_run(tiny(text_file, tmp_path), tmp_path)
+    cfg = compose_train(tiny(text_file, tmp_path), tmp_path)
     with pytest.raises(
         ValueError,
         match=r"data.tokens_per_step=256 is not a whole number of micro-batches .* x 3 "
@@ -87,7 +78,7 @@ def test_the_token_budget_sets_accumulation_length_and_validation_for_any_number
     ):
         apply_token_budget(cfg, 3)
     # the real recipe: GPT-2's 2**19 tokens per step of 16 x 1024-token windows, and 1e9 tokens
-    cfg = compose_run(["experiment=pretrain", f"data.path={text_file}"], tmp_path)
+    cfg = compose_train(["experiment=pretrain", f"data.path={text_file}"], tmp_path)
     for processes, accumulate in ((1, 32), (8, 4), (32, 1)):
         apply_token_budget(cfg, processes)
         assert cfg.trainer.accumulate_grad_batches == accumulate
@@ -96,7 +87,7 @@ def test_the_token_budget_sets_accumulation_length_and_validation_for_any_number
 
 def test_train_counts_the_processes_its_trainer_will_have(text_file, tmp_path):
     for trainer, processes in (("cpu", 1), ("ddp_cpu", 2)):
-        cfg = compose_run(tiny(text_file, tmp_path, f"trainer={trainer}"), tmp_path)
+        cfg = compose_train(tiny(text_file, tmp_path, f"trainer={trainer}"), tmp_path)
         assert processes_of(planned_strategy(cfg)) == processes
 
 
@@ -189,9 +180,9 @@ def test_resuming_from_a_step_checkpoint_continues_the_token_count_and_logs_thro
     overrides = tiny(
         text_file, tmp_path / "cache", f"data.tokenizer={tokenizer_json}", "callbacks.throughput.peak_flops=1e12"
     )
-    cfg = compose_run([*overrides, "tokens=512"], tmp_path / "run")  # 2 steps of 4 micro-batches
+    cfg = compose_train([*overrides, "tokens=512"], tmp_path / "run")  # 2 steps of 4 micro-batches
     train.train(cfg)
-    cfg = compose_run([*overrides, f"ckpt_path={tmp_path / 'run'}"], tmp_path / "run")  # on to 1024 tokens
+    cfg = compose_train([*overrides, f"ckpt_path={tmp_path / 'run'}"], tmp_path / "run")  # on to 1024 tokens
     with caplog.at_level(logging.INFO):
         metrics = train.train(cfg)
     assert metrics["step"] == 4
@@ -219,20 +210,10 @@ def test_prepare_then_the_tiny_pretrain_trains_on_a_folder_through_ddp_with_two_
     (folder / "b.txt").write_text("".join(lines[len(lines) // 2 :]))
     overrides = tiny(folder, tmp_path / "cache", "trainer=ddp_cpu")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    prepared = subprocess.run(
-        [sys.executable, "-m", "minigpt.prepare", *overrides], cwd=ROOT, capture_output=True, text=True, env=env
-    )
-    assert prepared.returncode == 0 and "Ready:" in prepared.stderr, prepared.stderr[-3000:]
+    prepared = run_python("-m", "minigpt.prepare", *overrides, env=env)
+    assert "Ready:" in prepared.stderr, prepared.stderr[-3000:]
     run = tmp_path / "run"
-    out = subprocess.run(
-        [sys.executable, "train.py", *overrides, f"hydra.run.dir={run}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_python("train.py", *overrides, f"hydra.run.dir={run}", timeout=600, env=env)
     log = (run / "train.log").read_text()
     assert "Using the token file" in log and "Tokenizing" not in log  # prepared once, before
     assert "256 tokens per optimizer step = 4 windows of 16 tokens per device x 2 process(es) x 2 accumulated" in log
@@ -242,7 +223,7 @@ def test_prepare_then_the_tiny_pretrain_trains_on_a_folder_through_ddp_with_two_
 
 
 def test_fsdp_composes_with_one_unit_per_block_and_is_refused_on_a_cpu(text_file, tmp_path):
-    cfg = compose_run(
+    cfg = compose_train(
         tiny(text_file, tmp_path, "trainer=fsdp", "trainer.strategy.activation_checkpointing=true"), tmp_path
     )
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
@@ -264,6 +245,6 @@ def test_fsdp_composes_with_one_unit_per_block_and_is_refused_on_a_cpu(text_file
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's FSDP trains on accelerators only")
 def test_fsdp_trains_and_resumes_on_a_gpu(text_file, tmp_path):
     overrides = tiny(text_file, tmp_path / "cache", "trainer=fsdp", "trainer.devices=1", "trainer.precision=bf16-mixed")
-    train.train(compose_run([*overrides, "tokens=512"], tmp_path / "run"))
-    metrics = train.train(compose_run([*overrides, f"ckpt_path={tmp_path / 'run'}"], tmp_path / "run"))
+    train.train(compose_train([*overrides, "tokens=512"], tmp_path / "run"))
+    metrics = train.train(compose_train([*overrides, f"ckpt_path={tmp_path / 'run'}"], tmp_path / "run"))
     assert metrics["step"] == 4 and math.isfinite(metrics["val/loss"])

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from minigpt.report import compare_sweep, loss_curve_title, read_scalars, report
-from tests.helpers import ROOT, assert_is_a_picture, decode_png
+from tests.helpers import assert_is_a_picture, decode_png, run_python
 
 
 def fake_sweep(trained_run, cfg, folder, jobs):
@@ -73,9 +71,7 @@ def test_the_loss_curves_learning_rate_is_optimizer_lrs_and_names_its_group_wher
 
 
 def test_report_explains_a_folder_without_events(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "minigpt.report", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    out = run_python("-m", "minigpt.report", str(tmp_path), timeout=60, check=False)
     assert out.returncode != 0 and "multirun" in out.stderr
     (tmp_path / "csv").mkdir()  # a run's own folder, made with logger=csv
     with pytest.raises(FileNotFoundError, match="No TensorBoard events in .* runs made with logger=csv"):
@@ -92,14 +88,7 @@ def test_a_multirun_jobs_loss_curve_title_wraps_its_overrides_and_keeps_its_best
 
 @pytest.mark.slow
 def test_real_sweep_compares_its_jobs(multirun_dir):
-    out = subprocess.run(
-        [sys.executable, "-m", "minigpt.report", str(multirun_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_python("-m", "minigpt.report", str(multirun_dir))
     rows = list(csv.DictReader((multirun_dir / "comparison.csv").open()))
     assert [r["overrides"] for r in rows] == ["optimizer=adamw", "optimizer=sgd"]
     for row, job in zip(rows, sorted(p for p in multirun_dir.iterdir() if p.is_dir())):

@@ -28,7 +28,7 @@ from minigpt.checkpoint import load_checkpoint
 from minigpt.data import RandomWindows
 from minigpt.module import MiniGPTModule
 from minigpt.report import read_scalars
-from tests.helpers import CONF, ROOT, TINY, compose_train
+from tests.helpers import CONF, NO_PICTURES, ROOT, TINY, compose_train, run_python
 
 DDP = [o for o in TINY if o != "trainer=cpu"] + ["trainer=ddp_cpu"]  # two processes over gloo
 # What a sweep's jobs need: no pictures or samples (their drawing is tested elsewhere), fewer steps.
@@ -36,22 +36,39 @@ SWEEP = [o for o in TINY if not o.startswith(("trainer", "callbacks."))] + [
     "trainer.max_steps=10",
     "trainer.val_check_interval=5",
     "trainer.log_every_n_steps=5",
-    "~callbacks.computation_graph",
-    "~callbacks.attention_maps",
-    "~callbacks.text_samples",
+    *NO_PICTURES,
+]
+# What an Optuna search's trials need: no pictures, ten steps, the optimizer's settings left to the search, CSV scores.
+SEARCH = [o for o in TINY if not o.startswith(("optimizer.", "callbacks."))] + [
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=5",
+    "logger=csv",
+    *NO_PICTURES,
 ]
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    return out
+    return run_python("train.py", *args, timeout=400)
 
 
 def short_job_names(overrides: list[str]) -> str:
     """Job folders named by the swept overrides only: all of them would make a name too long for the file system."""
     keys = ["data.path"] + [o.split("=")[0].lstrip("~+") for o in overrides]
     return f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"
+
+
+def search(text_file: Path, sweep_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """python train.py hparams_search=lr_wd of tiny trials into sweep_dir; `args` set the search (trials, ranges)."""
+    return run(
+        [
+            "hparams_search=lr_wd",
+            *args,
+            *SEARCH,
+            f"data.path={text_file}",
+            f"hydra.sweep.dir={sweep_dir}",
+            short_job_names(SEARCH + ["hparams_search"]),
+        ]
+    )
 
 
 def rank_fingerprints(train_log: Path) -> list[str]:
@@ -61,9 +78,7 @@ def rank_fingerprints(train_log: Path) -> list[str]:
 
 def test_only_runs_whose_processes_lightning_starts_leave_a_multirun_job(cfg_tiny, monkeypatch):
     def restarts(*overrides: str) -> bool:
-        cfg = compose_train(overrides)
-        with open_dict(cfg):
-            cfg.run_dir = cfg_tiny.run_dir
+        cfg = compose_train(overrides, run_dir=cfg_tiny.run_dir)
         return multirun.restarts_script(build.planned_strategy(cfg))
 
     assert restarts("trainer=ddp_cpu")  # Lightning would run train.py again for rank 1
@@ -364,10 +379,9 @@ def test_ddp_on_two_cpu_processes_draws_different_windows_writes_once_and_resume
 
     # the DDP checkpoint resumes on one process, in the same folder
     resume = compose_train(
-        TINY + whole_split + [f"data.path={text_file}", f"ckpt_path={run_dir}", "trainer.max_steps=60"]
+        TINY + whole_split + [f"data.path={text_file}", f"ckpt_path={run_dir}", "trainer.max_steps=60"],
+        run_dir=tmp_path / "unused",
     )
-    with open_dict(resume):
-        resume.run_dir = str(tmp_path / "unused")
     metrics = train.train(resume)
     assert metrics["step"] == 60 and metrics["val/loss"] < 3.0
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 60
@@ -412,24 +426,7 @@ def test_a_submitit_sweep_runs_its_ddp_job_as_a_run_of_its_own_and_each_job_once
 
 @pytest.mark.slow
 def test_an_optuna_search_of_three_trials_returns_the_best_trial(text_file, tmp_path):
-    overrides = [o for o in TINY if not o.startswith(("optimizer.", "callbacks."))] + [
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=5",
-        "logger=csv",
-        "~callbacks.computation_graph",
-        "~callbacks.attention_maps",
-        "~callbacks.text_samples",
-    ]
-    run(
-        [
-            "hparams_search=lr_wd",
-            "hydra.sweeper.n_trials=3",
-            *overrides,
-            f"data.path={text_file}",
-            f"hydra.sweep.dir={tmp_path}",
-            short_job_names(overrides + ["hparams_search"]),
-        ]
-    )
+    search(text_file, tmp_path, "hydra.sweeper.n_trials=3")
     trials = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(trials) == 3
     best_val_loss = {}
@@ -451,25 +448,8 @@ def test_an_optuna_search_of_three_trials_returns_the_best_trial(text_file, tmp_
 
 @pytest.mark.slow
 def test_diverged_trials_score_inf_and_the_search_goes_on(text_file, tmp_path):
-    overrides = [o for o in TINY if not o.startswith(("optimizer.", "callbacks."))] + [
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=5",
-        "logger=csv",
-        "~callbacks.computation_graph",
-        "~callbacks.attention_maps",
-        "~callbacks.text_samples",
-    ]
-    search = ["hydra.sweeper.params={optimizer.lr:'interval(1e5,1e6)'}", "hydra.sweeper.n_trials=2"]  # all diverge
-    out = run(
-        [
-            "hparams_search=lr_wd",
-            *search,
-            *overrides,
-            f"data.path={text_file}",
-            f"hydra.sweep.dir={tmp_path}",
-            short_job_names(overrides + ["hparams_search"]),
-        ]
-    )
+    all_diverge = "hydra.sweeper.params={optimizer.lr:'interval(1e5,1e6)'}"
+    out = search(text_file, tmp_path, all_diverge, "hydra.sweeper.n_trials=2")
     assert out.stderr.count("became non-finite") == 2 and "In this sweep the job scores inf" in out.stderr
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # the second trial ran after the first diverged
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())

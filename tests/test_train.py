@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from minigpt.data import WindowsDataModule
 from minigpt.module import MiniGPTModule, warmup_cosine
 from minigpt.report import read_scalars
 from minigpt.run_folder import ckpt_path_arg, shown
-from tests.helpers import CONF, ROOT, compose_train
+from tests.helpers import CONF, compose_train, run_python
 
 GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir()}
 
@@ -91,14 +89,7 @@ def test_under_accumulation_train_loss_is_the_mean_over_the_steps_micro_batches(
 
 def test_sample_prints_text_that_starts_with_the_prompt(trained_run):
     run_dir, _ = trained_run
-    out = subprocess.run(
-        [sys.executable, "sample.py", f"ckpt_path={run_dir}", "prompt=ROMEO:", "max_new_tokens=30", "num_samples=2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_python("sample.py", f"ckpt_path={run_dir}", "prompt=ROMEO:", "max_new_tokens=30", "num_samples=2")
     samples = out.stdout.rstrip("\n").split("\n---------------\n")
     assert len(samples) == 2 and all(s.startswith("ROMEO:") and len(s) == 36 for s in samples)
 
@@ -155,9 +146,7 @@ def _config_cases():
 def test_every_config_composes_and_instantiates(group, option, text_file, tmp_path):
     # (the fixture's 13 KB are 4k BPE tokens: too few for pretrain's windows of 1024)
     short = ["model.block_size=256"] if option == "pretrain" else []
-    cfg = compose_train([f"{group}={option}", f"data.path={text_file}", *short])
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path)
+    cfg = compose_train([f"{group}={option}", f"data.path={text_file}", *short], run_dir=tmp_path)
     schema.check(cfg, schema.Train)  # every setting the project ships has its type
     datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, WindowsDataModule)
@@ -209,10 +198,9 @@ def test_every_experiment_trains_a_few_steps_on_the_cpu(experiment, text_file, t
             "~callbacks.progress_bar",
             # pretrain's budget in tokens (0.5 M a step, 1e9 in all) would take these steps over
             *(["data.tokens_per_step=null", "tokens=null"] if experiment == "pretrain" else []),
-        ]
+        ],
+        run_dir=tmp_path,
     )
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path)
     metrics = train.train(cfg)
     assert metrics["step"] == 3 and math.isfinite(metrics["val/loss"])
     if experiment == "speedrun":  # documented to keep no checkpoint: no saving on its clock
@@ -337,10 +325,9 @@ def test_seed_model_on_tinyshakespeare_beats_the_unigram_entropy(tmp_path):
             "data.batch_size=16",
             "optimizer.lr=3e-3",
             "scheduler.warmup_steps=20",
-        ]
+        ],
+        run_dir=tmp_path,
     )
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path)
     metrics = train.train(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup()

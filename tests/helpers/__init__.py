@@ -1,14 +1,17 @@
-"""What the tests share besides fixtures: the tiny-run overrides, generated text, composed configs, pictures."""
+"""What the tests share besides fixtures: the tiny-run overrides, generated text, composed configs, pictures,
+python commands in the project's root, a bare Lightning fit."""
 
 from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from minigpt import config  # noqa: F401  (registers the resolvers the YAML files use)
 
@@ -36,6 +39,12 @@ TINY = [
     "callbacks.text_samples.max_new_tokens=60",  # generating is the costliest picture on a CPU
     "callbacks.attention_maps.every_n_validations=1",  # the default draws every 5th; tests check each one
 ]
+# Overrides that drop the pictures and samples drawn at each validation, for runs that test something else.
+NO_PICTURES = ["~callbacks.computation_graph", "~callbacks.attention_maps", "~callbacks.text_samples"]
+
+# A model built by hand, without Hydra: its characters and sizes.
+VOCAB = "\n !,.:;?abcdefghijklmnopqrstuvwxyz"
+SIZES = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -62,11 +71,46 @@ def make_text(n_lines: int = 300, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
+def compose_train(overrides: list[str], run_dir: Path | str | None = None) -> DictConfig:
+    """The train config; with run_dir, a run of it writes there."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name="train", overrides=overrides)
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+    return cfg
 
 
 def compose_sample(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="sample", overrides=overrides)
+
+
+def run_python(
+    *args: str, timeout: float = 120, check: bool = True, cwd: Path = ROOT, **kwargs
+) -> subprocess.CompletedProcess:
+    """python <args> in the project's root, output captured as text; with check, it must succeed, else the assert
+    shows the end of stderr. Other keywords (env=...) go to subprocess.run."""
+    out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def fit(module, x, y, steps: int, **trainer_settings) -> None:
+    """Train module for `steps` optimizer steps on the one batch (x, y): a bare Lightning Trainer on the CPU that
+    validates, logs and saves nothing."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **trainer_settings,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=len(x)))
