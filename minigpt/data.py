@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import logging
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CACHE_DIR = os.environ.get("MINIGPT_CACHE_DIR", "~/.cache/minigpt")  # as conf/data/*.yaml's cache_dir
 
 
 def sha256_of(path: Path) -> str:
@@ -261,7 +263,7 @@ class TextDataModule(WindowsDataModule):
         name: str = "tinyshakespeare",
         url: str | None = TINYSHAKESPEARE_URL,
         sha256: str | None = TINYSHAKESPEARE_SHA256,
-        cache_dir: str = "~/.cache/minigpt",
+        cache_dir: str = CACHE_DIR,
         block_size: int = 128,
         batch_size: int = 32,
         train_fraction: float = 0.9,
@@ -312,7 +314,7 @@ class CorpusDataModule(WindowsDataModule):
         tokenizer: str = "char",
         vocab_size: int = 4096,
         bpe_train_bytes: int = 100 * 2**20,
-        cache_dir: str = "~/.cache/minigpt",
+        cache_dir: str = CACHE_DIR,
         block_size: int = 128,
         batch_size: int = 32,
         train_fraction: float = 0.9,
