@@ -35,5 +35,4 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         finally:
             os.close(directory)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)

@@ -33,12 +33,6 @@ FORMAT = 2  # part of the fingerprint: a change to how token files are written m
 TOKENIZERS = ("char", "bpe")  # or the path of a Hugging Face tokenizer.json
 
 
-def launched_processes() -> int:
-    """How many processes torchrun or SLURM started for this run (1 when launched by hand or by Lightning itself,
-    which tokenizes in the first process before it starts the others)."""
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-
-
 def tokenizer_file(tokenizer: str) -> Path | None:
     """The Hugging Face tokenizer.json that data.tokenizer names, or None for `char` and `bpe`."""
     if tokenizer in TOKENIZERS:
@@ -59,14 +53,8 @@ def source_files(path: str, glob: str) -> list[Path]:
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"data.path={path} does not exist. Give a UTF-8 text file or a folder of them.")
-    files = sorted(
-        (
-            p
-            for p in root.glob(glob)
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        ),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    files = sorted((p for p in root.glob(glob) if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)]
     if not files:
         raise FileNotFoundError(
             f"data.path={path} is a folder with no file matching data.glob={glob} (hidden files "
@@ -77,16 +65,10 @@ def source_files(path: str, glob: str) -> list[Path]:
 
 
 def fingerprint(files: list[Path], settings: dict) -> str:
-    """What the token file was made from: each file's path, size, modification and change times and inode, and the
-    tokenizer settings.
-
-    Editing, adding, removing or touching a file changes it, and so does replacing one by a file of the same size and
-    modification time (`cp -p`, `tar x`: a new inode or change time); reading a file's contents is not needed.
-    """
-    listing = []
-    for file in files:
-        stat = file.stat()
-        listing.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
+    """What the token file was made from, without reading the files: editing, adding, removing or touching a file
+    changes it, and so does replacing one by a file of the same size and mtime (`cp -p`, `tar x`: a new inode or
+    ctime)."""
+    listing = [[str(f.resolve()), s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino] for f in files for s in [f.stat()]]
     blob = json.dumps({"format": FORMAT, "files": listing, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -112,15 +94,11 @@ def not_text(file: Path, offset: int, reason: str, data: bytes, in_folder: bool 
             f"utf-8 {file} > {converted}`, {instead}."
         )
     if b"\0" in data:  # no UTF-8 text has NUL bytes: an image, an archive, a program (or UTF-16 without its mark)
-        leave_out = (
-            "leave it out, e.g. data.glob='**/*.txt' reads only a folder's .txt files"
-            if in_folder
-            else "give a text file as data.path"
-        )
+        leave_out = "leave it out, e.g. data.glob='**/*.txt' reads only a folder's .txt files"
         return ValueError(
             f"{file} is not UTF-8 text: it holds NUL bytes, as images, archives, programs and UTF-16 "
             f"text do. If it is UTF-16 text, convert it (`iconv -f utf-16 -t utf-8 {file} > "
-            f"{converted}`); else {leave_out}."
+            f"{converted}`); else {leave_out if in_folder else 'give a text file as data.path'}."
         )
     return ValueError(
         f"{file} is not UTF-8 text: byte {offset} ({reason}). If it is text in another encoding, convert it into a "
@@ -130,13 +108,17 @@ def not_text(file: Path, offset: int, reason: str, data: bytes, in_folder: bool 
 
 
 def read_chunks(
-    files: list[Path], chunk_bytes: int, progress: tqdm | None = None, limit_bytes: int | None = None
+    files: list[Path],
+    chunk_bytes: int = 4 * 2**20,
+    progress: tqdm | None = None,
+    limit_bytes: int | None = None,
+    in_folder: bool = True,
 ) -> Iterator[str]:
     """The files' text, one after the other, in pieces of about `chunk_bytes` bytes cut at `SAFE_SPLIT` points.
 
     Decoding is incremental, so a character split between two reads is joined up; a byte that is not UTF-8
-    raises a ValueError naming the file and the byte's offset. Line endings read as Python reads a text file
-    (\r\n and \r as \n) and a leading byte-order mark is dropped. Stops after `limit_bytes` bytes, if given.
+    raises `not_text`'s error. Line endings read as Python reads a text file (\r\n and \r as \n) and a leading
+    byte-order mark is dropped. Stops after `limit_bytes` bytes, if given.
     """
     read = 0
     for file in files:
@@ -149,11 +131,11 @@ def read_chunks(
                 try:
                     text = carry + decoder.decode(data, final=not data)
                 except UnicodeDecodeError as err:
-                    raise not_text(file, offset - pending + err.start, err.reason, data) from None
+                    raise not_text(file, offset - pending + err.start, err.reason, data, in_folder) from None
                 if not started and text:  # a byte-order mark, which some editors write first: not text
                     text, started = text.removeprefix("\ufeff"), True
                 if "\0" in text:  # valid UTF-8, but no text: UTF-16 without its mark, or a binary file
-                    raise not_text(file, offset, "", data)
+                    raise not_text(file, offset, "", data, in_folder)
                 offset += len(data)
                 read += len(data)
                 if progress is not None:
@@ -194,15 +176,11 @@ class TokenFile:
     """Tokens `start` to `stop` of a token file, indexed like a 1-D CPU tensor of int64: `len()`, a slice, or a
     tensor of positions (what `windows` gathers with).
 
-    Each read maps the file, copies out the tokens asked for and unmaps it. The pages a mapping has touched
-    count as this process's resident memory until it is unmapped, so one mapping kept for a whole run would
-    grow to the whole file as random windows visit it; mapped per read, resident memory is back where it was
-    after every batch, whatever the file's size (during a read it holds the pages of that batch's windows, whole
-    large folios on recent kernels). The pages stay in the kernel's page cache, shared and evictable, so the
-    next reads find them there. Mapping and faulting the pages in anew costs 0.4-0.6 ms a batch on a 2-core CPU
-    (benchmarks/corpus.py: 2.7x the time of reading through one long-lived mapping).
-    The file stays open from `TokenFile.open` on: when its source changes and another run rebuilds the token file
-    (a new file, renamed over the old one), this run goes on reading the one it started with.
+    Each read maps the file, copies out the tokens asked for and unmaps it: the pages a mapping has touched count
+    as resident memory until it is unmapped, so one mapping kept for a run would grow to the whole file as random
+    windows visit it. The pages stay in the page cache for the next reads; mapping anew costs 0.4-0.6 ms a batch on
+    a 2-core CPU (benchmarks/corpus.py: 2.7x one long-lived mapping). The file stays open from `TokenFile.open` on,
+    so a run goes on reading the file it started with when another run rebuilds it (renamed over the old one).
     Only the path, the file's identity and the span are held, so the object pickles small (for spawned processes).
     """
 
@@ -217,18 +195,14 @@ class TokenFile:
     @classmethod
     def open(cls, path: Path, dtype: np.dtype, n_tokens: int) -> TokenFile:
         """All the tokens of the file at `path`, which stays open in this process."""
-        fd = os.open(path, os.O_RDONLY)
-        stat = os.fstat(fd)
-        key = (str(path), stat.st_dev, stat.st_ino)
-        if key in _OPEN_FILES:  # the same file again (another data module, a test): one descriptor is enough
-            os.close(fd)
-        else:
-            _OPEN_FILES[key] = fd
-        return cls(path, np.dtype(dtype), 0, n_tokens, (stat.st_dev, stat.st_ino))
+        stat = os.stat(path)
+        tokens = cls(path, np.dtype(dtype), 0, n_tokens, (stat.st_dev, stat.st_ino))
+        tokens._descriptor()
+        return tokens
 
     def _descriptor(self) -> int:
         key = (str(self.path), *self.identity)
-        if key not in _OPEN_FILES:  # a spawned process: open the path, which must still be the same file
+        if key not in _OPEN_FILES:  # first use here, or a spawned process: the path must still be the same file
             try:
                 fd = os.open(self.path, os.O_RDONLY)
             except OSError as err:
@@ -300,22 +274,21 @@ def corpus_folder(cache_dir: str | Path, path: str, settings: dict) -> Path:
     return Path(cache_dir).expanduser() / "corpora" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def load_corpus(folder: Path, expected_fingerprint: str | None = None) -> Corpus | None:
+def load_corpus(folder: Path, expected_fingerprint: str) -> Corpus | None:
     """The corpus cached in `folder`, or None when there is none or it was made from something else."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+    if meta.get("fingerprint") != expected_fingerprint:
         return None
-    tokens_file = folder / "tokens.bin"
-    dtype = np.dtype(meta["dtype"])
+    tokens_file, dtype = folder / "tokens.bin", np.dtype(meta["dtype"])
     if not tokens_file.is_file() or tokens_file.stat().st_size != meta["n_tokens"] * dtype.itemsize:
         return None
-    if meta["tokenizer"] != "char":  # a BPE trained here, or a tokenizer.json given
-        tokenizer = BPETokenizer((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    else:
+    if meta["tokenizer"] == "char":
         tokenizer = CharTokenizer(meta["vocab"])
+    else:  # a BPE trained here, or a tokenizer.json given
+        tokenizer = BPETokenizer((folder / "tokenizer.json").read_text(encoding="utf-8"))
     return Corpus(TokenFile.open(tokens_file, dtype, meta["n_tokens"]), tokenizer)
 
 
@@ -345,8 +318,6 @@ def build_corpus(
         extra = {"vocab": encoder.vocab}
     elif (file := tokenizer_file(tokenizer)) is not None:  # a user's tokenizer.json, used as it is
         encoder = BPETokenizer(file.read_text(encoding="utf-8"))
-        with atomic_write(folder / "tokenizer.json") as f:
-            f.write(encoder.json.encode())
         extra = {"tokenizer_file": str(file.resolve())}
     else:
         train_bytes = min(int(total * train_fraction), bpe_train_bytes)
@@ -364,9 +335,10 @@ def build_corpus(
                 vocab_size,
                 train_bytes,
             )
+        extra = {}
+    if isinstance(encoder, BPETokenizer):
         with atomic_write(folder / "tokenizer.json") as f:
             f.write(encoder.json.encode())
-        extra = {}
     dtype = token_dtype(encoder.vocab_size)
     n_tokens = 0
     with (
@@ -377,16 +349,8 @@ def build_corpus(
             ids = encoder.encode(text).numpy().astype(dtype)
             out.write(ids.tobytes())
             n_tokens += len(ids)
-    meta = {
-        "fingerprint": fingerprint_,
-        "tokenizer": tokenizer,
-        "vocab_size": encoder.vocab_size,
-        "dtype": dtype.name,
-        "n_tokens": n_tokens,
-        "files": len(files),
-        "bytes": total,
-        **extra,
-    }
+    meta = {"fingerprint": fingerprint_, "tokenizer": tokenizer, "vocab_size": encoder.vocab_size, "dtype": dtype.name}
+    meta |= {"n_tokens": n_tokens, "files": len(files), "bytes": total, **extra}
     with atomic_write(folder / "meta.json") as f:  # written last: a token file without it is never used
         f.write(json.dumps(meta, indent=1).encode())
     log.info("Wrote %d tokens (%s, %d bytes) to %s", n_tokens, dtype.name, n_tokens * dtype.itemsize, folder)
@@ -417,7 +381,9 @@ def tokenize_corpus(
     if (corpus := load_corpus(folder, current)) is not None:
         log.info("Using the token file in %s: the source is unchanged", folder)
         return corpus
-    if (processes := launched_processes()) > 1:  # every rank would tokenize (or wait): hours for a large corpus
+    # Processes started by torchrun or SLURM would each tokenize (or wait): hours for a large corpus. Lightning
+    # starts its own only after the first one has tokenized, in prepare_data.
+    if (processes := int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)) > 1:
         raise ValueError(
             f"{path} has no token file for these data settings in {folder}, and this is one of {processes} "
             "processes started by torchrun or SLURM: tokenize it once before the job, with the same data settings: "

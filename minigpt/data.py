@@ -3,12 +3,12 @@ or a corpus of any size read from a memory-mapped token file (minigpt/corpus.py)
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import logging
 import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from minigpt.atomic import atomic_write
-from minigpt.corpus import Corpus, TokenFile, make_cache_folder, not_text, tokenize_corpus
+from minigpt.corpus import Corpus, TokenFile, make_cache_folder, read_chunks, tokenize_corpus
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,10 @@ TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca5
 CACHE_DIR = os.environ.get("MINIGPT_CACHE_DIR", "~/.cache/minigpt")  # as conf/data/*.yaml's cache_dir
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def download(url: str, dest: Path, sha256: str | None, timeout: float = 30.0) -> None:
+def download(url: str, dest: Path, sha256: str | None) -> None:
     """Fetch `url` to `dest` atomically: the file appears complete and verified, or not at all."""
     log.info("Downloading %s to %s", url, dest)
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    with urllib.request.urlopen(url, timeout=30) as response:
         payload = response.read()
     digest = hashlib.sha256(payload).hexdigest()
     if sha256 and digest != sha256:
@@ -62,7 +58,7 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
             )
         return file
     if cache_file.is_file():
-        if sha256 and (digest := sha256_of(cache_file)) != sha256:
+        if sha256 and (digest := hashlib.sha256(cache_file.read_bytes()).hexdigest()) != sha256:
             raise ValueError(
                 f"The cached data file {cache_file} has sha256 {digest}, expected {sha256}: it is damaged or a "
                 f"different file. Delete it to download it again from {url}, or pass data.path={cache_file} to "
@@ -84,17 +80,6 @@ def resolve_text_file(path: str | None, cache_file: Path, url: str | None, sha25
     return cache_file
 
 
-def read_text(file: Path) -> str:
-    data = file.read_bytes()
-    if b"\0" in data or data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise not_text(file, 0, "", data, in_folder=False)
-    try:
-        # as open() in text mode reads it, and without a byte-order mark: as data=text reads a corpus
-        return data.decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    except UnicodeDecodeError as err:
-        raise not_text(file, err.start, err.reason, data, in_folder=False) from None
-
-
 def windows(
     tokens: torch.Tensor | TokenFile, starts: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +95,7 @@ def batch_seed(seed: int, rank: int, index: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+@dataclass(eq=False)
 class RandomWindows(IterableDataset):
     """An endless stream of batches of random windows, from a tensor or a token file.
 
@@ -119,17 +105,12 @@ class RandomWindows(IterableDataset):
     the workers in turn, so the stream is the same as without workers.
     """
 
-    def __init__(
-        self,
-        tokens: torch.Tensor | TokenFile,
-        block_size: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        start: int = 0,
-    ):
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank, self.start = seed, rank, start
+    tokens: torch.Tensor | TokenFile
+    block_size: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    start: int = 0
 
     def __iter__(self):
         device = self.tokens.device  # on a GPU the windows are drawn and gathered there: no copy per batch
@@ -144,7 +125,8 @@ class RandomWindows(IterableDataset):
             i += step
 
 
-def check_settings(block_size: int, batch_size: int, train_fraction: float, val_batches: int | None) -> None:
+def check_settings(block_size: int, batch_size: int, train_fraction: float, val_batches: int | None, cache_dir: str):
+    """The ranges no type states (minigpt/schema.py checks the types)."""
     if batch_size <= 0 or block_size <= 0:
         raise ValueError(
             f"data.batch_size and data.block_size must be positive whole numbers, got {batch_size} and {block_size}"
@@ -158,9 +140,6 @@ def check_settings(block_size: int, batch_size: int, train_fraction: float, val_
         raise ValueError(
             f"data.val_batches must be a positive whole number, or null for the whole split, got {val_batches}"
         )
-
-
-def check_cache_dir(cache_dir: str) -> None:
     if not cache_dir:  # a MINIGPT_CACHE_DIR that is set to nothing would put the cache in the working directory
         raise ValueError(
             "data.cache_dir is empty (is the MINIGPT_CACHE_DIR variable set to nothing?): name the folder "
@@ -181,7 +160,9 @@ class WindowsDataModule(L.LightningDataModule):
         super().__init__()
         self.tokenizer: CharTokenizer | BPETokenizer | None = None
 
-    def split(self, tokens: torch.Tensor | TokenFile, source: Path | str, unit: str) -> None:
+    def split(
+        self, tokens: torch.Tensor | TokenFile, tokenizer: CharTokenizer | BPETokenizer, source: Path | str, unit: str
+    ):
         """The first `train_fraction` of `tokens` trains, the rest validates; each must hold one window."""
         hp = self.hparams
         n_train = int(len(tokens) * hp.train_fraction)
@@ -193,19 +174,26 @@ class WindowsDataModule(L.LightningDataModule):
             )
         self.train_tokens, self.val_tokens = tokens.split([n_train, len(tokens) - n_train])  # views, not copies
         self.val_set = TensorDataset(*self._validation_windows())
-        self._text_record: dict[str, int | str] | None = None
+        # What identifies the text, for a checkpoint: a text edited in place, with the same characters, passes every
+        # check of the settings, so the validation split's first million tokens are hashed too.
+        head = self.val_tokens[: 2**20].long().numpy().tobytes()
+        self._text_record = {
+            "train_tokens": n_train,
+            "val_tokens": len(self.val_tokens),
+            "val_head_sha256": hashlib.sha256(head).hexdigest(),
+        }
+        self.tokenizer = tokenizer
+        log.info(
+            "%s: %d %s, vocabulary of %d, %d for training and %d for validation",
+            source,
+            len(tokens),
+            unit,
+            tokenizer.vocab_size,
+            n_train,
+            len(self.val_tokens),
+        )
 
     def text_record(self) -> dict[str, int | str]:
-        """What identifies the text this module trains and validates on, for a checkpoint: the lengths of the two
-        splits and a hash of the validation split's first million tokens (a text edited in place, with the same
-        characters, passes every check of the settings)."""
-        if self._text_record is None:  # once: the text does not change under a run (a token file is read as it was)
-            head = self.val_tokens[: 2**20].long().cpu().numpy().tobytes()
-            self._text_record = {
-                "train_tokens": len(self.train_tokens),
-                "val_tokens": len(self.val_tokens),
-                "val_head_sha256": hashlib.sha256(head).hexdigest(),
-            }
         return self._text_record
 
     def state_dict(self) -> dict[str, Any]:  # saved in checkpoints by Lightning
@@ -226,22 +214,14 @@ class WindowsDataModule(L.LightningDataModule):
         # at the batch where the interrupted run stopped.
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         rank = trainer.global_rank if trainer else 0
-        tokens = self.train_tokens
+        tokens, hp = self.train_tokens, self.hparams
         # (a token file stays on disk: only a text held in memory has the tokens_on_gpu setting)
-        if (
-            trainer
-            and isinstance(tokens, torch.Tensor)
-            and self.hparams.tokens_on_gpu
-            and trainer.strategy.root_device.type == "cuda"
-        ):
+        if trainer and hp.get("tokens_on_gpu") and trainer.strategy.root_device.type == "cuda":
             tokens = tokens.to(trainer.strategy.root_device)  # 1 byte per character: 1 MB for TinyShakespeare
-        dataset = RandomWindows(
-            tokens, self.hparams.block_size, self.hparams.batch_size, self.hparams.seed, rank, start
-        )
+        dataset = RandomWindows(tokens, hp.block_size, hp.batch_size, hp.seed, rank, start)
         # Batches are made whole by the dataset. From memory, a gather needs no workers; from a token file, workers
         # read the next batches while the model trains on this one.
-        workers = self.hparams.get("num_workers", 0)
-        return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+        return DataLoader(dataset, batch_size=None, num_workers=hp.get("num_workers", 0))
 
     def val_dataloader(self) -> DataLoader:
         trainer, sampler = self.trainer, None
@@ -273,8 +253,7 @@ class TextDataModule(WindowsDataModule):
         tokens_on_gpu: bool = True,
     ):
         super().__init__()
-        check_settings(block_size, batch_size, train_fraction, val_batches)
-        check_cache_dir(cache_dir)
+        check_settings(block_size, batch_size, train_fraction, val_batches, cache_dir)
         self.save_hyperparameters()
         self.cache_file = Path(cache_dir).expanduser() / name / (Path(url).name if url else "input.txt")
 
@@ -286,18 +265,9 @@ class TextDataModule(WindowsDataModule):
             return
         hp = self.hparams
         file = resolve_text_file(hp.path, self.cache_file, hp.url, hp.sha256)
-        text = read_text(file)
+        text = "".join(read_chunks([file], in_folder=False))  # as data=text reads it: \r\n as \n, no byte-order mark
         tokenizer = CharTokenizer.from_text(text)
-        self.split(tokenizer.encode(text), file, "characters")  # uint8 for up to 256 characters: 1 byte each
-        self.tokenizer = tokenizer
-        log.info(
-            "%s: %d characters, vocabulary of %d, %d for training and %d for validation",
-            file,
-            len(text),
-            tokenizer.vocab_size,
-            len(self.train_tokens),
-            len(self.val_tokens),
-        )
+        self.split(tokenizer.encode(text), tokenizer, file, "characters")  # uint8 up to 256 characters: 1 byte each
 
 
 class CorpusDataModule(WindowsDataModule):
@@ -329,12 +299,7 @@ class CorpusDataModule(WindowsDataModule):
             raise ValueError(
                 "data=text reads data.path: give a UTF-8 text file or a folder of them, e.g. data.path=/data/my_corpus"
             )
-        check_settings(block_size, batch_size, train_fraction, val_batches)
-        check_cache_dir(cache_dir)
-        if num_workers < 0:
-            raise ValueError(
-                f"data.num_workers must be 0 (windows read in the training process) or more, got {num_workers}"
-            )
+        check_settings(block_size, batch_size, train_fraction, val_batches, cache_dir)
         self.save_hyperparameters()
 
     def prepare_data(self) -> None:
@@ -344,17 +309,7 @@ class CorpusDataModule(WindowsDataModule):
         if self.tokenizer is not None:  # train.py sets up early to read the vocabulary; the Trainer calls again
             return
         corpus = self._tokenize()
-        self.split(corpus.tokens, self.hparams.path, "tokens")
-        self.tokenizer = corpus.tokenizer
-        log.info(
-            "%s: %d tokens in %s, vocabulary of %d, %d for training and %d for validation",
-            self.hparams.path,
-            len(corpus.tokens),
-            corpus.tokens.path,
-            corpus.tokenizer.vocab_size,
-            len(self.train_tokens),
-            len(self.val_tokens),
-        )
+        self.split(corpus.tokens, corpus.tokenizer, self.hparams.path, "tokens")
 
     def _tokenize(self) -> Corpus:
         hp = self.hparams

@@ -28,17 +28,14 @@ def unescape(text: str) -> str:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned integer type that holds ids 0 .. vocab_size - 1: the token file's bytes per token."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size <= np.iinfo(dtype).max + 1:
-            return np.dtype(dtype)
-    raise ValueError(f"a vocabulary of {vocab_size} tokens does not fit 32 bits")
+    return np.min_scalar_type(max(vocab_size - 1, 0))
 
 
 class CharTokenizer:
     """Maps each distinct character of a text to an integer: its rank in sorted order."""
 
     def __init__(self, vocab: str):
-        if len(set(vocab)) != len(vocab) or list(vocab) != sorted(vocab):
+        if vocab != "".join(sorted(set(vocab))):
             raise ValueError("vocab must be a string of distinct characters in sorted order")
         self.vocab = vocab
         # code points in sorted order, so that encoding is one vectorised binary search
@@ -54,11 +51,7 @@ class CharTokenizer:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The smallest integer type that holds every token id (uint8 for TinyShakespeare's 65).
-
-        For tensors in memory: signed above 256, since PyTorch indexes few unsigned types (a token file
-        uses `token_dtype`).
-        """
+        """The smallest type that holds every id: signed above 256, as PyTorch indexes with few unsigned types."""
         if self.vocab_size <= 256:
             return torch.uint8
         return torch.int16 if self.vocab_size <= 2**15 else torch.int32
