@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 
+from minigpt import schema
 from minigpt.data import CorpusDataModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -24,6 +25,7 @@ def prepare(overrides: list[str]) -> CorpusDataModule:
     """The data module of train.py's config with `overrides`, its corpus tokenized (or found in the cache)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
+    schema.check(cfg, schema.Train)
     if not cfg.data._target_.endswith("CorpusDataModule"):
         raise ValueError("minigpt.prepare tokenizes data=text corpora: give data=text data.path=<file or folder>")
     datamodule: CorpusDataModule = hydra.utils.instantiate(cfg.data)
