@@ -31,15 +31,13 @@ def render_autograd_graph(
     blocks: int | None = 1,
     setting: str = "blocks",
 ) -> Path:
-    """Draw the autograd graph of the loss on (idx, targets) to `path` (.svg, .png or .pdf); returns the file written.
+    """Draw the autograd graph of the loss on (idx, targets) to `path` (as `write_graph`); returns the file written.
 
     `blocks`: how many of the model's transformer blocks to draw, from the first; None = all of them. The picture
-    says how many it leaves out and which `setting` draws them all. Where `dot` is missing, writes `path` with the
-    suffix `.dot` instead and says in the log how to render it.
+    says how many it leaves out and which `setting` draws them all. Callers check both with `check_graph_file` and
+    `check_blocks` before any work.
     """
     path = Path(path)
-    check_graph_file(path)
-    check_blocks(blocks, setting)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_layer = model.config.n_layer
     drawn = model if blocks is None or blocks >= n_layer else first_blocks(model, blocks)
@@ -88,7 +86,7 @@ def first_blocks(model: GPT, blocks: int) -> GPT:
     return copy.to(next(model.parameters()).device).train(model.training)
 
 
-def check_blocks(blocks: object, setting: str = "blocks") -> None:
+def check_blocks(blocks: int | None, setting: str = "blocks") -> None:
     if blocks is not None and blocks < 1:
         raise ValueError(
             f"{setting}={blocks}: it is how many transformer blocks the graph draws, from the "

@@ -62,45 +62,35 @@ def inspect(cfg: DictConfig, data_from_run: bool = True) -> list[Path]:
         print(text)
         return [picture]
     if cfg.what == "step" and not cfg.ckpt_path:  # a new model of `model`'s sizes, on the `data` text
-        datamodule = hydra.utils.instantiate(cfg.data, block_size=cfg.model.block_size, batch_size=cfg.batch_size)
-        datamodule.prepare_data()
-        datamodule.setup("validate")
+        datamodule = validation_data(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights, and numbers, every time
-        model_sizes = OmegaConf.to_container(cfg.model, resolve=True)
-        module = MiniGPTModule(**datamodule.tokenizer.hparams(), model=model_sizes)
-        x, y = (t[: cfg.batch_size] for t in datamodule.val_set.tensors)
+        module = MiniGPTModule(**datamodule.tokenizer.hparams(), model=OmegaConf.to_container(cfg.model, resolve=True))
         about = f"a freshly initialised MiniGPT ({describe(module.model)}, seed {cfg.seed})"
-        print(gradient_descent_step(module.model.eval(), x, y, float(cfg.step_lr), cfg.step_parameter, about))
-        return []
-    ckpt_path = checkpoint_path(cfg, "python -m minigpt.inspect")
-    path = find_checkpoint(ckpt_path, prefer="best")
-    module = MiniGPTModule.from_checkpoint(path)
+    else:
+        path = find_checkpoint(checkpoint_path(cfg, "python -m minigpt.inspect"), prefer="best")
+        module, datamodule = MiniGPTModule.from_checkpoint(path), None
+        about = f"the checkpoint {path} ({describe(module.model)})"
+        in_run = run_folder_of(path)
+        run_dir = in_run if in_run is not None else path.parent
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "inspect"
+        recorded = run_dir / ".hydra"
+        if data_from_run and in_run is not None and (recorded / "config.yaml").is_file():
+            cfg = cfg.copy()
+            cfg.data = recorded_data(recorded)
     model = module.model.eval()  # no dropout: the numbers are those of the model itself
-    in_run = run_folder_of(path)
-    run_dir = in_run if in_run is not None else path.parent
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "inspect"
-    recorded = run_dir / ".hydra"
-    if data_from_run and in_run is not None and (recorded / "config.yaml").is_file():
-        cfg = cfg.copy()
-        cfg.data = recorded_data(recorded)
-
-    if cfg.what == "grads":
-        x, y = validation_batch(cfg, module)
-        print(gradient_table(model, x, y))
-        _, layers = measure(model)
-        figure = plots.gradient_flow(
-            [s.name for s in layers],
-            [s.mean_abs for s in layers],
-            [s.max_abs for s in layers],
-            f"gradient flow of {path.name} on one batch",
-        )
-        return [plots.save(figure, out_dir / "gradient_flow.png")]
+    if cfg.what in ("grads", "step"):
+        datamodule = datamodule if datamodule is not None else validation_data(cfg, module)
+        x, y = (t[: cfg.batch_size] for t in datamodule.val_set.tensors)  # (B, T) each
 
     if cfg.what == "step":
-        x, y = validation_batch(cfg, module)
-        about = f"the checkpoint {path} ({describe(model)})"
         print(gradient_descent_step(model, x, y, float(cfg.step_lr), cfg.step_parameter, about))
         return []
+
+    if cfg.what == "grads":
+        print(gradient_table(model, x, y))
+        _, layers = measure(model)
+        figure = plots.gradient_flow(layers, f"gradient flow of {path.name} on one batch")
+        return [plots.save(figure, out_dir / "gradient_flow.png")]
 
     ids = text_ids(cfg, module)
     if cfg.what == "attention":
@@ -219,22 +209,20 @@ def recorded_data(hydra_dir: Path) -> DictConfig:
     return OmegaConf.create(data)
 
 
-def validation_data(cfg: DictConfig, module: MiniGPTModule) -> WindowsDataModule:
-    datamodule = hydra.utils.instantiate(cfg.data, block_size=module.model.config.block_size, batch_size=cfg.batch_size)
+def validation_data(cfg: DictConfig, module: MiniGPTModule | None = None) -> WindowsDataModule:
+    """`cfg.data`'s validation split in windows of `module`'s context (without one, `cfg.model`'s), refused where
+    its tokenizer is not the module's."""
+    block_size = module.model.config.block_size if module is not None else cfg.model.block_size
+    datamodule = hydra.utils.instantiate(cfg.data, block_size=block_size, batch_size=cfg.batch_size)
     datamodule.prepare_data()
     datamodule.setup("validate")
-    if datamodule.tokenizer.hparams() != module.tokenizer.hparams():
+    if module is not None and datamodule.tokenizer.hparams() != module.tokenizer.hparams():
         raise ValueError(
             "The data's tokenizer (its characters, or its BPE) is not the checkpoint's: give the text the "
             "model was trained on (data.path=..., and data=text data.tokenizer=... if it was trained so)"
             + (", or pass text=... to look at your own text." if cfg.what != "grads" else ".")
         )
     return datamodule
-
-
-def validation_batch(cfg: DictConfig, module: MiniGPTModule) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = validation_data(cfg, module).val_set.tensors
-    return x[: cfg.batch_size], y[: cfg.batch_size]  # (B, T) each
 
 
 def text_ids(cfg: DictConfig, module: MiniGPTModule) -> torch.Tensor:
@@ -248,16 +236,14 @@ def text_ids(cfg: DictConfig, module: MiniGPTModule) -> torch.Tensor:
             raise ValueError(f"The text {text!r} cannot be encoded: {err}") from None
         if len(ids) > block_size:
             log.warning(
-                "text is %d tokens long, and the model's context is %d: only the first %d are used",
-                len(ids),
-                block_size,
-                block_size,
+                f"text is {len(ids)} tokens long, and the model's context is {block_size}: only the first "
+                f"{block_size} are used"
             )
             ids = ids[:block_size]
         if len(ids) < 2:
             raise ValueError("text must have at least 2 tokens (the graph needs a next token to predict)")
         return ids
-    if not isinstance(cfg.length, int) or cfg.length < 2:
+    if cfg.length < 2:
         raise ValueError(f"length must be a whole number of at least 2 tokens, got {cfg.length!r}")
     return validation_data(cfg, module).val_tokens[: min(cfg.length, block_size)].long()
 

@@ -33,8 +33,9 @@ def save(figure: Figure, path: str | Path) -> Path:
     return path
 
 
-def gradient_flow(layers: list[str], mean_abs: list[float], max_abs: list[float], title: str) -> Figure:
-    """Mean and max |grad| of each layer, input side on the left: a healthy network has bars of similar height."""
+def gradient_flow(layers: list, title: str) -> Figure:
+    """Mean and max |grad| of each layer (`gradient_health.LayerStats`), input side on the left: a healthy network
+    has bars of similar height."""
     width, height = max(6.0, 0.45 * len(layers) + 2), 4.5
     figure = Figure(figsize=(width, height))
     # fixed margins (inches) with room for the rotated layer names: a layout engine measuring every label's
@@ -43,10 +44,10 @@ def gradient_flow(layers: list[str], mean_abs: list[float], max_abs: list[float]
     ax = figure.add_subplot()
     x = np.arange(len(layers))
     # zeros cannot be drawn on a log axis: a vanished gradient shows as a missing bar, which is the point
-    ax.bar(x, max_abs, width=0.8, color="tab:cyan", alpha=0.5, label="max |grad|")
-    ax.bar(x, mean_abs, width=0.8, color="tab:blue", label="mean |grad|")
+    ax.bar(x, [s.max_abs for s in layers], width=0.8, color="tab:cyan", alpha=0.5, label="max |grad|")
+    ax.bar(x, [s.mean_abs for s in layers], width=0.8, color="tab:blue", label="mean |grad|")
     ax.set_yscale("log")
-    ax.set_xticks(x, layers, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(x, [s.name for s in layers], rotation=60, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_ylabel("|gradient|")
     figure.suptitle(title)

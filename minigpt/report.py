@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,10 @@ import yaml
 
 from minigpt import plots
 
-# TensorBoard's directory watcher logs "No path found after <events file>" at INFO whenever it reaches the newest
-# file, which is every time a run's own events are read back: nothing a user can act on.
-logging.getLogger("tensorboard").addFilter(lambda record: not record.getMessage().startswith("No path found after"))
+# TensorBoard's event reader logs what no user can act on: "No path found after <events file>" whenever it reaches the
+# newest file, and a warning of "a TensorFlow restart" where a resumed run's events go back to its checkpoint's step
+# (it drops the points logged after that step, as TensorBoard does). Its errors still show.
+logging.getLogger("tensorboard").addFilter(lambda r: r.levelno >= logging.ERROR or "event_processing" not in r.pathname)
 
 
 @dataclass
@@ -45,15 +45,7 @@ def read_scalars(events_dir: str | Path) -> tuple[dict[str, Series], float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})  # 0 = keep every point
-    # A resumed run's events go back to its checkpoint's step: the reader drops the points logged after it, as
-    # TensorBoard does, with a warning about "a TensorFlow restart" that is no news here.
-    reader_log = logging.getLogger("tensorboard")
-    level = reader_log.level
-    reader_log.setLevel(logging.ERROR)
-    try:
-        events.Reload()
-    finally:
-        reader_log.setLevel(level)
+    events.Reload()
     scalars = {}
     for tag in events.Tags()["scalars"]:
         points = events.Scalars(tag)
@@ -150,13 +142,10 @@ def read_job(folder: Path) -> Job:
     record = folder / ".hydra" / "overrides.yaml"  # missing for a job whose .hydra was deleted, or not written
     overrides = (yaml.safe_load(record.read_text()) or []) if record.is_file() else []
     events = folder / "tensorboard"
-    has_events = any(events.glob("events.out.tfevents.*"))
+    spans = process_spans(events)  # none: no events, so no scalars either
+    scalars = read_scalars(events)[0] if spans else {}
     return Job(
-        folder,
-        [o for o in overrides if not o.startswith("hydra.")],
-        read_scalars(events)[0] if has_events else {},
-        process_spans(events) if has_events else [],
-        *recorded(events / "hparams.yaml"),
+        folder, [o for o in overrides if not o.startswith("hydra.")], scalars, spans, *recorded(events / "hparams.yaml")
     )
 
 
@@ -215,17 +204,8 @@ def compare_sweep(multirun_dir: str | Path) -> list[Path]:
     rows = []
     for label, job in zip(labels, jobs):
         value, step = best(job.scalars.get("val/loss"))
-        rows.append(
-            [
-                job.folder.name,
-                label,
-                " ".join(job.tags),
-                f"{value:.4f}",
-                str(step),
-                f"{job.wall_time:.1f}",
-                "nan" if math.isnan(job.tokens_per_second) else f"{job.tokens_per_second:.0f}",
-            ]
-        )
+        numbers = [f"{value:.4f}", str(step), f"{job.wall_time:.1f}", f"{job.tokens_per_second:.0f}"]  # nan: "nan"
+        rows.append([job.folder.name, label, " ".join(job.tags), *numbers])
     table_csv = multirun_dir / "comparison.csv"
     with table_csv.open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])

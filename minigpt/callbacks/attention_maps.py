@@ -79,8 +79,5 @@ class AttentionMaps(Callback):
         )
         for i, figure in enumerate(figures):
             add_figure(
-                trainer,
-                f"attention/layer_{i}",
-                figure,
-                self.dirpath / f"attention_layer{i}.png" if self.dirpath else None,
+                trainer, f"attention/layer_{i}", figure, self.dirpath and self.dirpath / f"attention_layer{i}.png"
             )

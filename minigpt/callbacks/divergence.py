@@ -93,12 +93,12 @@ class StopOnNonFiniteLoss(Callback):
         found = "".join(
             f"{what} at step {trainer.global_step}: {self._names(names)}. " for what, names in kinds if names
         )
-        fixes = (
-            "a lower optimizer.lr, more warmup (scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val)"
-        )
         saved = max(last_saved_step(trainer), self._started_at)  # a resumed run's own checkpoint counts too
         if not saved:
-            return f"{found}The run was stopped before it saved a checkpoint. Start again with {fixes}."
+            return (
+                f"{found}The run was stopped before it saved a checkpoint. Start again with a lower optimizer.lr, more "
+                "warmup (scheduler.warmup_steps) or harder clipping (trainer.gradient_clip_val)."
+            )
         return (
             f"{found}The run was stopped and nothing non-finite was saved: the last checkpoint, from step {saved}, "
             "is the last good state. Start again with a lower optimizer.lr (a resumed run keeps the optimizer "

@@ -176,29 +176,19 @@ class GradientHealth(Callback):
         exploded = [f"{s.name} ({s.grad_norm:.1e})" for s in layers if s.grad_norm > self.explode_above]
         if vanished:
             log.warning(
-                "step %d: the gradient vanishes (norm <= %.0e) in %s: these layers are not learning. "
-                "Look for a dead activation, a detached tensor or a learning rate that is far too high.",
-                step,
-                self.vanish_below,
-                ", ".join(vanished),
+                f"step {step}: the gradient vanishes (norm <= {self.vanish_below:.0e}) in {', '.join(vanished)}: these "
+                "layers are not learning. Look for a dead activation, a detached tensor or a learning rate that is "
+                "far too high."
             )
         if exploded:
             log.warning(
-                "step %d: the gradient explodes (norm > %.0e) in %s. Lower optimizer.lr, add warmup "
-                "(scheduler.warmup_steps) or clip harder (trainer.gradient_clip_val).",
-                step,
-                self.explode_above,
-                ", ".join(exploded),
+                f"step {step}: the gradient explodes (norm > {self.explode_above:.0e}) in {', '.join(exploded)}. Lower "
+                "optimizer.lr, add warmup (scheduler.warmup_steps) or clip harder (trainer.gradient_clip_val)."
             )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.latest is None:
             return
         step, layers = self.latest
-        figure = plots.gradient_flow(
-            [s.name for s in layers],
-            [s.mean_abs for s in layers],
-            [s.max_abs for s in layers],
-            f"gradient flow at step {step} (before clipping)",
-        )
-        add_figure(trainer, "grad/flow", figure, self.dirpath / "gradient_flow.png" if self.dirpath else None)
+        figure = plots.gradient_flow(layers, f"gradient flow at step {step} (before clipping)")
+        add_figure(trainer, "grad/flow", figure, self.dirpath and self.dirpath / "gradient_flow.png")

@@ -39,13 +39,7 @@ class ComputationGraph(Callback):
         idx, targets = tokens[None, :-1], tokens[None, 1:]  # (1, T): one window and its next characters
         with eager():  # the graph of the model's own operations, not of a compiled one (and no compilation here)
             if self.dirpath is not None:
-                render_autograd_graph(
-                    pl_module.model,
-                    idx,
-                    targets,
-                    self.dirpath / self.filename,
-                    self.blocks,
-                    "callbacks.computation_graph.blocks",
-                )
+                path, setting = self.dirpath / self.filename, "callbacks.computation_graph.blocks"
+                render_autograd_graph(pl_module.model, idx, targets, path, self.blocks, setting)
             for writer in writers(trainer):
                 add_model_graph(writer, pl_module.model, idx, targets)

@@ -39,11 +39,11 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_last_if_behind(trainer)
 
     def _save_last_if_behind(self, trainer: L.Trainer) -> None:
-        """Write last.ckpt unless one of the run's checkpoint callbacks has saved at this very step."""
         if self.save_last and trainer.global_step != last_saved_step(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def last_saved_step(trainer: L.Trainer) -> int:
-    """The step of the newest checkpoint any of the run's ModelCheckpoints wrote in this process (0: none yet)."""
+    """The step of the newest checkpoint any of the run's ModelCheckpoints wrote in this process (0: none yet).
+    Private: ModelCheckpoint keeps no public record of the step it last saved at."""
     return max((getattr(c, "_last_global_step_saved", 0) for c in trainer.checkpoint_callbacks), default=0)
