@@ -30,10 +30,8 @@ def make_module(cfg: DictConfig, datamodule: WindowsDataModule) -> MiniGPTModule
 
 
 def make_callbacks_and_loggers(cfg: DictConfig, resumed_step: int | None = None) -> tuple[list, list]:
-    """`cfg.callbacks` and `cfg.logger`, instantiated; an entry set to null (as experiments do to drop one) is skipped.
-
-    A run resumed from a checkpoint at `resumed_step` has its loggers hide what a killed run logged after it, so the
-    curve has no repeats.
+    """`cfg.callbacks` and `cfg.logger`, instantiated, less entries set to null (as experiments drop one). Resumed
+    from a checkpoint at `resumed_step`, the loggers hide what a killed run logged after it: the curve has no repeats.
     """
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     purge = {"purge_step": resumed_step + 1} if resumed_step is not None else {}
@@ -51,10 +49,8 @@ def make_callbacks_and_loggers(cfg: DictConfig, resumed_step: int | None = None)
 
 def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """`cfg.trainer` with the run's callbacks and loggers; checkpoints written atomically (minigpt/checkpoint_io.py).
-
-    Lightning adds a checkpoint callback and a progress bar (counting epochs) of its own unless told not to: a run
-    whose config drops them (callbacks=none, the speed runs, ~callbacks.progress_bar) has none.
-    """
+    Lightning adds a checkpoint callback and a progress bar (counting epochs) unless told not to: a config that drops
+    them (callbacks=none, the speed runs, ~callbacks.progress_bar) gets none."""
     return hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,

@@ -43,9 +43,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_failure(err: Exception) -> str:
-    """What torch.load found wrong with the file, in one line. Its weights-only refusal comes with advice to load the
-    file with weights_only=False or to allow-list the refused global, either of which would run the file's code:
-    only the refused global is kept."""
+    """What torch.load found wrong with the file, in one line: of its weights-only refusal, only the refused global
+    (its advice, weights_only=False or allow-listing the global, would run the file's code)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     refused = [line for line in lines if "GLOBAL " in line]
     if refused:
@@ -107,15 +106,14 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
         raise FileNotFoundError(f"ckpt_path={path} does not exist: give a .ckpt file or a run folder under outputs/.")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     last = folder / "last.ckpt"
-    others = sorted((p for p in folder.glob("*.ckpt") if p.name != last.name), key=lambda p: p.stat().st_mtime)
-    best = others[-1:]  # [] when the run kept no other checkpoint; with save_top_k=1 (the default) the only one
+    others = sorted((p for p in folder.glob("*.ckpt") if p != last), key=lambda p: p.stat().st_mtime)
+    if last.is_file() and (prefer == "last" or not others):
+        return last
     if prefer == "best" and len(others) > 1:  # save_top_k > 1: the newest of the top k need not be the best
         # last.ckpt, written after the top-k file of each save, has the newest record (save_last=false: the newest)
-        best = [recorded_best(folder, last if last.is_file() else others[-1]) or others[-1]]
-    candidates = (best + [last]) if prefer == "best" else ([last] + best)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+        return recorded_best(folder, last if last.is_file() else others[-1]) or others[-1]
+    if others:  # with save_top_k=1 (the default) the best is the only one
+        return others[-1]
     runs = sorted({p.parent.parent for p in path.glob("*/checkpoints/*.ckpt")})
     if runs:  # a multirun's folder, or outputs/<date>: the runs are inside
         listed = ", ".join(str(run) for run in runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
@@ -131,23 +129,14 @@ def find_checkpoint(path: str | Path, prefer: str = "last") -> Path:
 
 
 def recorded_best(folder: Path, checkpoint: Path) -> Path | None:
-    """The best checkpoint as the run's monitoring ModelCheckpoint recorded it in `checkpoint`, if that file is still
-    in `folder` (looked up by name: the run folder may have moved since)."""
+    """The best checkpoint as the run's ModelCheckpoint monitoring val/loss recorded it in `checkpoint`, if that file
+    is still in `folder` (looked up by name: the run folder may have moved since)."""
     try:
-        state = monitoring_state(load_checkpoint(checkpoint))  # mapped: the weights themselves are not read
+        states = load_checkpoint(checkpoint).get("callbacks", {}).values()  # mapped: the weights are not read
     except ValueError:
         return None
-    best = folder / Path(state["best_model_path"]).name if state.get("best_model_path") else None
-    return best if best is not None and best.is_file() else None
-
-
-def monitoring_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The saved state of the run's ModelCheckpoint monitoring val/loss (best_model_path, best_model_score), or {}."""
-    return next(
-        (
-            state
-            for state in checkpoint.get("callbacks", {}).values()
-            if isinstance(state, dict) and state.get("monitor") == "val/loss"
-        ),
-        {},
-    )
+    for state in states:
+        if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("best_model_path"):
+            best = folder / Path(state["best_model_path"]).name
+            return best if best.is_file() else None
+    return None

@@ -21,15 +21,13 @@ from minigpt.checkpoint import load_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the destination folder, fsyncs it, then renames it over
-    the old one: readers (and a resumed run) see the previous checkpoint or the new one, never a mix.
-    Loads with `weights_only=True` always, with errors that name the file."""
+    """Writes each checkpoint through `atomic_write` (readers see the previous checkpoint or the new one, never a
+    mix); loads with `weights_only=True` always, with errors that name the file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
-        if get_protocol(str(path)) != "file":  # object stores replace a key atomically on their own
+        # object stores replace a key atomically on their own; Lightning's writer also refuses storage_options
+        if get_protocol(str(path)) != "file" or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_write(path) as f:
             torch.save(checkpoint, f)
 

@@ -1,12 +1,10 @@
 """The run's loggers count steps as optimizer steps done: one deliberate difference from Lightning, applied to
 every logger of a run (TensorBoard, CSV, or any a user adds, e.g. `+logger.wandb=...`) by `count_steps_done`.
 
-Lightning gives a logger the number of optimizer steps taken before the batch that produced a value (its
-`_batches_that_stepped`): the loss of the batch that makes step 100 lands at 99, and so does the validation after
-step 100, although its checkpoint is `step000100-...ckpt`, the console says "step 100" and the pictures of that
-validation are at 100. Each logger of a run adds the step back, so that every axis counts the optimizer steps done
-when the value was measured (the convention of Hugging Face's Trainer). The `epoch` Lightning adds to each write is
-left out (a run is one endless epoch).
+Lightning gives a logger the number of optimizer steps taken before the batch that produced a value: the loss of the
+batch that makes step 100, and the validation after it, land at 99, although the checkpoint, the console and the
+pictures say 100. Each logger adds the step back (as Hugging Face's Trainer counts), and leaves out the `epoch`
+Lightning adds to each write (a run is one endless epoch).
 
 Whoever calls `log_metrics` directly passes a step in Lightning's count: `trainer.global_step` in a hook that runs
 before the optimizer step (as gradient health does), `trainer.global_step - 1` after it.
@@ -57,13 +55,20 @@ class CSVLogger(loggers.CSVLogger):
             return super().experiment
         file = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
         kept = file.with_name(f".{file.name}.resumed")  # the rows wait here while Lightning's writer starts
-        if file.is_file():
-            keys, rows = rows_before(file, self.purge_step)
+        if file.is_file():  # the rows before purge_step, less one cut short (a kill in the middle of a write)
+            with file.open(newline="") as f:
+                reader = csv.DictReader(f)
+                rows = [
+                    row
+                    for row in reader
+                    if None not in row and None not in row.values() and row.get("step", "").isdigit()
+                    if int(row["step"]) < self.purge_step
+                ]
+            text = io.StringIO(newline="")
+            writer = csv.DictWriter(text, fieldnames=sorted(reader.fieldnames or []))  # as Lightning's writer sorts
+            writer.writeheader()
+            writer.writerows(rows)
             with atomic_write(kept) as f:
-                text = io.StringIO(newline="")
-                writer = csv.DictWriter(text, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(rows)
                 f.write(text.getvalue().encode())
             file.unlink()
         with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not so here
@@ -75,19 +80,3 @@ class CSVLogger(loggers.CSVLogger):
             os.replace(kept, file)
             experiment.metrics_keys = keys  # its header, which Lightning's writer appends under
         return experiment
-
-
-def rows_before(file: Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
-    """The columns of a metrics.csv, sorted as Lightning's writer keeps them, and its rows before `step`; a row cut
-    short (a kill in the middle of a write) is left out."""
-    with file.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [
-            row
-            for row in reader
-            if None not in row.values()
-            and None not in row
-            and row.get("step", "").isdigit()
-            and int(row["step"]) < step
-        ]
-        return sorted(reader.fieldnames or []), rows

@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.strategies.launchers.subprocess_script import (
     _SubprocessScriptLauncher,
-)  # private, no public name
+)  # private: no public name
 from lightning.pytorch.utilities import rank_zero_only
 
 from minigpt.callbacks.divergence import NonFiniteLossError
@@ -41,16 +41,9 @@ log = logging.getLogger(__name__)
 
 # The environment variable that names the file where a job run by run_job_in_new_process leaves its metrics.
 METRICS_FILE = "MINIGPT_METRICS_FILE"
-# Hydra overrides of the sweep, not of its jobs: a job run by job_command leaves them out.
-SWEEP_SETTINGS = (
-    "hydra.mode",
-    "hydra/sweeper",
-    "hydra.sweeper",
-    "hydra/launcher",
-    "hydra.launcher",
-    "hydra.sweep",
-    "hydra.run",
-    "hydra.output_subdir",
+# Prefixes of Hydra overrides of the sweep, not of its jobs (hydra.sweep also hydra.sweeper): job_command drops them.
+SWEEP_SETTINGS = tuple(
+    "hydra.mode hydra/sweeper hydra/launcher hydra.launcher hydra.sweep hydra.run hydra.output_subdir".split()
 )
 # Config choices that need a Hydra plugin from one of the project's optional extras: (choice, plugin, extra).
 PLUGINS = [
@@ -169,17 +162,11 @@ SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
 def stops_as_interrupts() -> Iterator[None]:
     """SIGTERM (as `timeout`, `kill` and schedulers send) and SIGHUP (a closed terminal) raise KeyboardInterrupt
     here, as Ctrl-C does; their own handlers come back after."""
-    signals = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # no SIGHUP on Windows
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = {s: signal.getsignal(s) for s in signals}
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    for s in signals:
-        signal.signal(s, interrupt)
+    previous = {s: signal.signal(s, signal.default_int_handler) for s in signals}  # which raises KeyboardInterrupt
     try:
         yield
     finally:

@@ -1,8 +1,7 @@
 """Resuming a run: the checkpoint it goes on from, and the checks that it can go on with this run's settings.
 
-A resumed run continues in the checkpoint's run folder with the same model, tokenizer and optimizer settings (the
-optimizer's state comes back with its settings); the schedule is rebuilt from the config, so a new warmup or
-max_steps takes effect.
+A resumed run goes on in the checkpoint's run folder with the same model, tokenizer and optimizer (whose state comes
+back with its settings); the schedule is rebuilt from the config, so a new warmup or max_steps takes effect.
 """
 
 from __future__ import annotations
@@ -22,9 +21,12 @@ from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
 
+# What a run's data is, and which windows it trains and validates on: a resume must not change them.
+DATA_KEYS = ("path", "name", "glob", "tokenizer", "vocab_size", "train_fraction", "val_batches")
+
 
 def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint `cfg.ckpt_path` names, loaded (weights only), and the run folder it continues in."""
+    """The checkpoint `cfg.ckpt_path` names, loaded (weights only); `cfg.run_dir` set to the run folder it is in."""
     if cfg.ckpt_path is None:
         return None, None
     if not cfg.ckpt_path:  # ckpt_path=$UNSET_VARIABLE: not a new run, which would write elsewhere without a word
@@ -34,12 +36,7 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
         )
     ckpt_file = find_checkpoint(cfg.ckpt_path, prefer="last")
     checkpoint = load_checkpoint(ckpt_file)
-    if "global_step" not in checkpoint:
-        raise ValueError(
-            f"ckpt_path={ckpt_file} holds no training state to resume from (no global_step). Resume "
-            "from a run's last.ckpt or its run folder."
-        )
-    if checkpoint.get("minigpt_format") != CHECKPOINT_FORMAT:
+    if checkpoint.get("minigpt_format") != CHECKPOINT_FORMAT:  # also refuses a file minigpt did not write
         raise ValueError(
             f"ckpt_path={ckpt_file} was written by another version of minigpt (checkpoint format "
             f"{checkpoint.get('minigpt_format', 'none')}; this one resumes format {CHECKPOINT_FORMAT}): start a new "
@@ -53,8 +50,8 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
 
 
 def check_latest(ckpt_file: Path, step: int) -> None:
-    """Refuse to go on in a run folder from a checkpoint older than the folder's last.ckpt: the run's later steps
-    would be cut from its curves and its last.ckpt overwritten (a damaged last.ckpt does not stop a resume)."""
+    """Refuse to go on in a run folder from a checkpoint older than its last.ckpt, whose later steps would be lost
+    (a damaged last.ckpt does not stop a resume)."""
     last = ckpt_file.parent / "last.ckpt"
     if ckpt_file.name == last.name or not last.is_file():
         return
@@ -115,11 +112,11 @@ def say_where_to_resume(trainer: Any, checkpoint: dict[str, Any] | None, run_dir
 
 
 def check_same_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_file: Path) -> None:
-    """Refuse to resume on other data than the checkpoint's run trained and validated on (the same characters but
-    another text pass the vocabulary check): val/loss, and so the best checkpoint kept, would compare the two."""
-    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
+    """Refuse other data than the checkpoint's run had (another text of the same characters passes the vocabulary
+    check): val/loss, and so the best checkpoint kept, would compare the two."""
+    recorded = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     then, now = recorded.get("path"), cfg.data.get("path")
-    if isinstance(then, str) and isinstance(now, str) and then != now and not os.path.exists(os.path.expanduser(then)):
+    if then and now and then != now and not os.path.exists(os.path.expanduser(then)):  # paths (schema.Data) or None
         # the run folder was moved to another machine, or started elsewhere with a relative path: nothing to compare
         log.warning(
             "The checkpoint's run read data.path=%s, which is not here; this run reads %s: resume only with "
@@ -127,7 +124,7 @@ def check_same_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_file: Path
             then,
             now,
         )
-        recorded = {key: value for key, value in recorded.items() if key != "path"}
+        del recorded["path"]
     differences = [
         f"data.{key}={recorded[key]} in the checkpoint, {cfg.data[key]} here"
         for key in DATA_KEYS
@@ -142,11 +139,21 @@ def check_same_data(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_file: Path
         )
 
 
+def same_setting(then: Any, now: Any) -> bool:
+    """Equal, or two spellings of one existing file or folder (a relative path and its absolute one)."""
+    if then == now:
+        return True
+    if isinstance(then, str) and isinstance(now, str):
+        then, now = os.path.expanduser(then), os.path.expanduser(now)
+        return os.path.exists(then) and os.path.exists(now) and os.path.samefile(then, now)
+    return False
+
+
 def warn_of_changed_settings(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
     """Warn when the batches or the schedule differ from the checkpoint's run: allowed (a larger batch, a longer
     warmup), but the resumed run is then not the one an uninterrupted run would have been."""
     data = checkpoint.get("datamodule_hyper_parameters") or {}
-    schedule = (checkpoint.get("hyper_parameters") or {}).get("scheduler") or {}
+    schedule = checkpoint["hyper_parameters"]["scheduler"]
     changed = [
         f"data.{key}={data[key]} then, {cfg.data[key]} now"
         for key in ("batch_size", "seed", "val_seed")
@@ -177,15 +184,14 @@ def warn_of_changed_global_batch(checkpoint: dict[str, Any], trainer: Any) -> No
     }
     changed = [f"{key}={then[key]} then, {now[key]} now" for key in now if then[key] != now[key]]
     if changed:
-        factor = {name: math.prod(v.get(k, 1) for k in now) for name, v in (("then", then), ("now", now))}
         log.warning(
             "This resumed run splits its optimizer steps otherwise than its checkpoint's run: %s. Each step "
             "learns from data.batch_size x %d windows now, x %d then: it trains on, but not as "
             "the uninterrupted run would have (the sweep report's tokens/s takes the first run's global "
             "batch, in tensorboard/hparams.yaml).",
             "; ".join(changed),
-            factor["now"],
-            factor["then"],
+            math.prod(now.values()),
+            math.prod(then.values()),
         )
 
 
@@ -208,57 +214,33 @@ def warn_of_changed_text(checkpoint: dict[str, Any], datamodule: Any) -> None:
         )
 
 
-# What a run's data is, and which windows it trains and validates on: a resume must not change them.
-DATA_KEYS = ("path", "name", "glob", "tokenizer", "vocab_size", "train_fraction", "val_batches")
-
-
-def same_setting(then: Any, now: Any) -> bool:
-    """Equal, or two spellings of one existing file or folder (a relative path and its absolute one)."""
-    if then == now:
-        return True
-    if isinstance(then, str) and isinstance(now, str):
-        then, now = os.path.expanduser(then), os.path.expanduser(now)
-        return os.path.exists(then) and os.path.exists(now) and os.path.samefile(then, now)
-    return False
-
-
 def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file: Path) -> None:
-    """Refuse a checkpoint of another vocabulary or model size, naming what differs."""
-    saved = checkpoint.get("hyper_parameters") or {}
-    if not ("vocab" in saved or "bpe" in saved) or "model" not in saved:
-        raise ValueError(f"ckpt_path={ckpt_file} is not a minigpt checkpoint: it has no vocabulary or model sizes.")
-    if "bpe" in saved or "bpe" in module.hparams:
-        if saved.get("bpe") != module.hparams.get("bpe"):
-            if "bpe" in saved and "bpe" in module.hparams:  # both BPEs: their merges differ
-                why = (
-                    "trained with a byte-level BPE whose merges differ from those this run's data gives: the text "
-                    "changed. Resume with the text it was trained on"
-                )
-            else:
-                then, now = (
-                    "a byte-level BPE" if "bpe" in hparams else "characters" for hparams in (saved, module.hparams)
-                )
-                why = (
-                    f"trained with another tokenizer ({then}) than this run's data gives ({now}). Resume with "
-                    "the data and data.tokenizer it was trained with"
-                )
-            raise ValueError(f"ckpt_path={ckpt_file} was {why}, or start a new run without ckpt_path.")
-    elif saved["vocab"] != (vocab := module.hparams.vocab):
+    """Refuse a checkpoint of another tokenizer, model size or optimizer settings, naming what differs."""
+    saved, here = checkpoint["hyper_parameters"], module.hparams
+    if saved.get("bpe") != here.get("bpe"):
+        if "bpe" in saved and "bpe" in here:  # both BPEs: their merges differ
+            why = (
+                "trained with a byte-level BPE whose merges differ from those this run's data gives: the text "
+                "changed. Resume with the text it was trained on"
+            )
+        else:
+            then, now = ("a byte-level BPE" if "bpe" in hparams else "characters" for hparams in (saved, here))
+            why = (
+                f"trained with another tokenizer ({then}) than this run's data gives ({now}). Resume with "
+                "the data and data.tokenizer it was trained with"
+            )
+        raise ValueError(f"ckpt_path={ckpt_file} was {why}, or start a new run without ckpt_path.")
+    if saved.get("vocab") != here.get("vocab"):  # both of characters
         only_saved, only_here = (
-            "".join(sorted(set(a) - set(b))) for a, b in ((saved["vocab"], vocab), (vocab, saved["vocab"]))
+            "".join(sorted(set(a) - set(b))) for a, b in ((saved["vocab"], here.vocab), (here.vocab, saved["vocab"]))
         )
         raise ValueError(
             f"ckpt_path={ckpt_file} was trained on a vocabulary of {len(saved['vocab'])} characters, but this run's "
-            f"text has {len(vocab)} (only in the checkpoint: {only_saved!r}; only in the text: {only_here!r}). "
+            f"text has {len(here.vocab)} (only in the checkpoint: {only_saved!r}; only in the text: {only_here!r}). "
             "Resume with the data it was trained on (data.path=...), or start a new run without ckpt_path."
         )
-    differences = [
-        f"model.{key}={saved['model'].get(key)} in the checkpoint, {value} here"
-        for key, value in module.hparams.model.items()
-        if saved["model"].get(key) != value
-    ]
     # The optimizer's state comes back as it was saved, settings included: a changed one would be ignored silently.
-    then, now = saved.get("optimizer") or {}, dict(module.hparams.optimizer)
+    then, now = saved["optimizer"], dict(here.optimizer)
     changed = [
         f"optimizer.{key}={then.get(key)} in the checkpoint, {now.get(key)} here"
         for key in sorted(set(then) | set(now))
@@ -271,6 +253,11 @@ def check_resumable(checkpoint: dict[str, Any], module: MiniGPTModule, ckpt_file
             "the settings it was trained with (its .hydra/overrides.yaml has them), or start a new run "
             "without ckpt_path."
         )
+    differences = [
+        f"model.{key}={saved['model'].get(key)} in the checkpoint, {value} here"
+        for key, value in here.model.items()
+        if saved["model"].get(key) != value
+    ]
     if differences:
         raise ValueError(
             f"ckpt_path={ckpt_file} is a different model: {'; '.join(differences)}. "

@@ -3,8 +3,7 @@
 A second run in a used folder would overwrite the first one's checkpoints, and TensorBoard, the loss curve and the
 sweep report would read both runs' events as one. Hydra writes the run's `.hydra` record into the folder before
 the task starts, so the check is a Hydra callback (conf/train.yaml, `hydra.callbacks`), which runs before that.
-It also locks the folder for as long as the run writes it: two runs started in the same second get the same
-dated folder, and neither has written anything when the other checks.
+It also locks the folder while the run writes it: two runs started in the same second get the same dated folder.
 """
 
 from __future__ import annotations
@@ -55,10 +54,8 @@ def run_outputs(folder: Path) -> list[Path]:
 
 
 def claim(folder: Path, key: str) -> int | None:
-    """Take `folder` for this process, or refuse if another process has it: two runs started in the same second
-    get the same dated folder, and neither has written anything when the other looks. The lock (flock on the
-    folder itself: nothing is written) lasts while the returned descriptor stays open, and ends with the process
-    however it ends."""
+    """Take `folder` for this process, or refuse if another process has it. The lock (flock on the folder itself:
+    nothing is written) lasts while the returned descriptor stays open, and ends with the process however it ends."""
     if folder.exists() and not folder.is_dir():
         raise SystemExit(
             f"error: {key}={shown(str(folder))} is a file, not a folder: give a folder for the run to "
@@ -101,8 +98,7 @@ def refuse_used(folder: Path, only_checkpoints: bool = False) -> None:
 
 
 class RefuseUsedRunFolder(Callback):
-    """Refuse a new run (not a resume) whose folder, or a new multirun whose job folders, already hold a run, or
-    are being written by another run."""
+    """Refuse a new run (not a resume) or multirun whose folder already holds a run or is being written by another."""
 
     def __init__(self) -> None:
         self.locks: dict[Path, int] = {}  # the folders this process holds, and their locks
@@ -157,17 +153,13 @@ class RefuseUsedRunFolder(Callback):
                 f"hydra.sweep.dir, or none for a new dated one), or delete {where} first."
             )
 
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.release()
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.release()
-
     def hold(self, folder: Path, key: str) -> None:
         folder = folder.resolve()
         if folder not in self.locks and (lock := claim(folder, key)) is not None:
             self.locks[folder] = lock
 
-    def release(self) -> None:
+    def release(self, *args: Any, **kwargs: Any) -> None:
         while self.locks:
             os.close(self.locks.popitem()[1])
+
+    on_run_end = on_multirun_end = release
