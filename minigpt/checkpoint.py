@@ -17,7 +17,9 @@ from minigpt.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_hparam
 
 # MiniGPTModule's constructor arguments, which it saves as the checkpoint's hyper-parameters (a test holds the two
 # equal): a checkpoint with others was written by another version, whose model this one may build differently.
-HPARAMS = frozenset({"vocab", "bpe", "model", "optimizer", "scheduler"})
+# What a checkpoint holds beyond Lightning's own keys (MiniGPTModule.on_save_checkpoint writes it in each): every
+# reader refuses another format, with one message.
+CHECKPOINT_FORMAT = 1
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -52,19 +54,20 @@ def load_failure(err: Exception) -> str:
     return lines[0] if lines else "no message"
 
 
+def check_format(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint of another format than this version writes (also a file minigpt did not write)."""
+    found = checkpoint.get("minigpt_format", "none")
+    if found != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} was written by another version of minigpt (checkpoint format {found}; this version reads "
+            f"format {CHECKPOINT_FORMAT}): use the version that wrote it, or train a new model."
+        )
+
+
 def hyper_parameters(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """The checkpoint's hyper-parameters (MiniGPTModule's constructor arguments), checked to be this version's."""
-    hparams = checkpoint.get("hyper_parameters")
-    if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{path} is not a minigpt checkpoint (it has no hyper_parameters or no state_dict)")
-    unknown = sorted(set(hparams) - HPARAMS)
-    if unknown:
-        raise ValueError(
-            f"{path} was written by another version of minigpt: its hyper-parameters {unknown} are "
-            f"not among this version's ({sorted(HPARAMS)}). Sample from it with the version that "
-            "trained it, or train a new model."
-        )
-    return dict(hparams)
+    check_format(checkpoint, path)
+    return dict(checkpoint["hyper_parameters"])
 
 
 def read_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer | BPETokenizer]:

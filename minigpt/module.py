@@ -18,15 +18,13 @@ from torch.utils import flop_counter
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.text import Perplexity
 
-from minigpt.checkpoint import hyper_parameters, load_checkpoint
+from minigpt.checkpoint import CHECKPOINT_FORMAT, hyper_parameters, load_checkpoint
 from minigpt.model import GPT, GPTConfig, eager, new_cuda_graph_step
 from minigpt.optim import Muon
 from minigpt.tokenizer import tokenizer_from_hparams
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "muon": Muon}
 SCHEDULES = ("cosine", "constant")
-# What a checkpoint holds beyond Lightning's own keys; a resume refuses checkpoints of another format (resume.py).
-CHECKPOINT_FORMAT = 1
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float, decay: bool = True) -> float:

@@ -15,8 +15,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from minigpt.callbacks.step_checkpoint import last_saved_step
-from minigpt.checkpoint import find_checkpoint, load_checkpoint, run_folder_of
-from minigpt.module import CHECKPOINT_FORMAT, MiniGPTModule
+from minigpt.checkpoint import check_format, find_checkpoint, load_checkpoint, run_folder_of
+from minigpt.module import MiniGPTModule
 from minigpt.run_folder import ckpt_path_arg, shown
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,7 @@ def resume_point(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
         )
     ckpt_file = find_checkpoint(cfg.ckpt_path, prefer="last")
     checkpoint = load_checkpoint(ckpt_file)
-    if checkpoint.get("minigpt_format") != CHECKPOINT_FORMAT:  # also refuses a file minigpt did not write
-        raise ValueError(
-            f"ckpt_path={ckpt_file} was written by another version of minigpt (checkpoint format "
-            f"{checkpoint.get('minigpt_format', 'none')}; this one resumes format {CHECKPOINT_FORMAT}): start a new "
-            "run without ckpt_path (sample.py still reads it)."
-        )
+    check_format(checkpoint, f"ckpt_path={ckpt_file}")
     if (folder := run_folder_of(ckpt_file)) is not None:  # checkpoints and events go on in the checkpoint's run folder
         check_latest(ckpt_file, checkpoint["global_step"])
         cfg.run_dir = os.path.abspath(folder)
