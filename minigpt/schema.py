@@ -1,6 +1,7 @@
-"""The type of every setting a run reads, in one place. `check(cfg, schema)` merges the composed configuration into
-these dataclasses, so OmegaConf refuses a wrong type with its own message, naming the key (`model.n_layer=4.5`:
-"Value '4.5' of type 'float' could not be converted to Integer ... full_key: model.n_layer"), before anything runs.
+"""The type of every setting a run reads. `check(cfg, schema)` merges the composed configuration into these
+dataclasses, so OmegaConf refuses a wrong type with its own message, naming the key (`model.n_layer=4.5`: "Value
+'4.5' of type 'float' could not be converted to Integer ... full_key: model.n_layer"), before anything runs. What
+Hydra instantiates (the data module, callbacks, loggers) is typed by its constructor's own annotations.
 
 The values and what they mean live in conf/*.yaml; ranges and relations between settings, which no type states,
 are checked in minigpt/config.py. Groups left open (trainer, optimizer) take settings beyond their typed ones, as
@@ -9,47 +10,16 @@ Lightning's Trainer and PyTorch's optimizers do: module.py names what an optimiz
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from dataclasses import dataclass
+from typing import Any
 
+import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from minigpt.model import GPTConfig
-
-# Optional[...] rather than `X | None`: OmegaConf reads the annotations, and 2.3 knows only typing's unions.
-
-
-@dataclass
-class Data:
-    _target_: str
-    path: str | None
-    cache_dir: str
-    block_size: int
-    batch_size: int
-    train_fraction: float
-    val_batches: int | None
-    seed: int
-    val_seed: int
-
-
-@dataclass
-class TinyShakespeare(Data):
-    name: str
-    url: str | None
-    sha256: str | None
-    tokens_on_gpu: bool
-
-
-@dataclass
-class Corpus(Data):
-    glob: str
-    tokenizer: str
-    vocab_size: int
-    bpe_train_bytes: int
-    num_workers: int
-    tokens_per_step: int | None
-
-
-DATA = {"minigpt.data.TextDataModule": TinyShakespeare, "minigpt.data.CorpusDataModule": Corpus}
 
 
 @dataclass
@@ -82,33 +52,7 @@ class Trainer:  # open: any other argument of Lightning's Trainer
 
 
 @dataclass
-class EarlyStopping:
-    patience: int
-    min_delta: float = 0.0
-    stopping_threshold: float | None = None
-    divergence_threshold: float | None = None
-
-
-@dataclass
-class TextSamples:
-    max_new_tokens: int
-    temperature: float
-    seed: int
-
-
-@dataclass
-class AttentionMaps:
-    length: int
-    every_n_validations: int
-
-
-@dataclass
-class ComputationGraph:
-    blocks: int | None
-
-
-@dataclass
-class Train:  # and GROUPS
+class Train:  # the top level; its groups in GROUPS; what Hydra instantiates (data, callbacks, loggers): of_target
     seed: int
     tags: list[str]
     ckpt_path: str | None
@@ -117,13 +61,8 @@ class Train:  # and GROUPS
     val_every_n_steps: int | None = None
 
 
+SIMPLE = {int, float, bool, str}
 GROUPS = {"model": GPTConfig, "optimizer": Optimizer, "scheduler": Scheduler, "trainer": Trainer}
-CALLBACKS = {
-    "early_stopping": EarlyStopping,
-    "text_samples": TextSamples,
-    "attention_maps": AttentionMaps,
-    "computation_graph": ComputationGraph,
-}
 
 
 @dataclass
@@ -154,17 +93,44 @@ class Inspect:
     seed: int
 
 
+def of_target(target: str) -> DictConfig:
+    """The schema of a config that Hydra instantiates: the arguments of `target`'s constructor, each typed where its
+    annotation is one OmegaConf checks (int, float, bool or str, or one of them or None), else Any. Left open to
+    other keys where the constructor takes **kwargs or its annotations cannot be read."""
+    cls = hydra.utils.get_class(target)
+    parameters = inspect.signature(cls).parameters.values()
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation naming what only a type checker imports
+        return OmegaConf.create({})
+    fields = [("_target_", str, "???")]
+    for p in parameters:
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            kind, args = hints.get(p.name, Any), set(typing.get_args(hints.get(p.name)))
+            simple = kind in SIMPLE or (type(None) in args and len(args) == 2 and args - {type(None)} <= SIMPLE)
+            fields.append((p.name, kind if simple else Any, "???"))
+    node = OmegaConf.structured(dataclasses.make_dataclass(cls.__name__, fields))
+    OmegaConf.set_struct(node, not any(p.kind == p.VAR_KEYWORD for p in parameters))
+    return node
+
+
 def check(cfg: DictConfig, schema: type) -> None:
     """Refuse a setting of `cfg` whose value does not have its type in `schema` (interpolations are left to resolve
-    later), or a key a closed group does not have."""
+    later), or a key that a closed group, or the constructor a `_target_` names, does not have."""
     typed = OmegaConf.structured(schema)
     if schema is Train:
-        groups = {**GROUPS, "data": DATA.get(cfg.data.get("_target_"))}  # a user's own DataModule goes untyped
-        callbacks = {name: CALLBACKS[name] for name in CALLBACKS if (cfg.get("callbacks") or {}).get(name)}
+        built = {"data": cfg.data}  # and each callback and logger: what Hydra instantiates
+        built |= {
+            f"{group}.{name}": node
+            for group in ("callbacks", "logger")
+            for name, node in (cfg.get(group) or {}).items()
+        }
         with open_dict(typed):
-            for name, group in groups.items():
-                typed[name] = OmegaConf.structured(group) if group else {}
-            typed.callbacks = {name: OmegaConf.structured(callback) for name, callback in callbacks.items()}
-        for node in [typed.optimizer, typed.trainer, typed.callbacks, *typed.callbacks.values()]:
+            for name, group in GROUPS.items():
+                typed[name] = OmegaConf.structured(group)
+            for key, node in built.items():
+                if node is not None:  # (an experiment drops a callback by setting it to null)
+                    OmegaConf.update(typed, key, of_target(node._target_), force_add=True)
+        for node in [typed.optimizer, typed.trainer]:
             OmegaConf.set_struct(node, False)  # open: settings beyond the typed ones go as they are
     OmegaConf.merge(typed, OmegaConf.masked_copy(cfg, [key for key in typed if key in cfg]))  # not run_dir, hydra

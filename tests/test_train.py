@@ -176,6 +176,11 @@ def test_types_are_checked_and_open_groups_take_more_settings():
     )
     with pytest.raises(ValueError, match="could not be converted to Integer\\s+full_key: model.n_head"):
         schema.check(compose_train(["model.n_head=4.0"]), schema.Train)
+    # what Hydra instantiates is typed by its constructor's annotations, and takes only the arguments it names
+    with pytest.raises(ValueError, match="converted to Integer\\s+full_key: callbacks.progress_bar.refresh_rate"):
+        schema.check(compose_train(["callbacks.progress_bar.refresh_rate=often"]), schema.Train)
+    with pytest.raises(KeyError, match="Key 'max_tokens' not in 'TextSamples'"):
+        schema.check(compose_train(["+callbacks.text_samples.max_tokens=5"]), schema.Train)
 
 
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
