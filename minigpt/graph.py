@@ -86,7 +86,7 @@ def first_blocks(model: GPT, blocks: int) -> GPT:
     return copy.to(next(model.parameters()).device).train(model.training)
 
 
-def check_blocks(blocks: int | None, setting: str = "blocks") -> None:
+def check_blocks(blocks: int | None, setting: str) -> None:
     if blocks is not None and blocks < 1:
         raise ValueError(
             f"{setting}={blocks}: it is how many transformer blocks the graph draws, from the "
@@ -94,7 +94,7 @@ def check_blocks(blocks: int | None, setting: str = "blocks") -> None:
         )
 
 
-def check_graph_file(path: str | Path, setting: str = "path") -> None:
+def check_graph_file(path: str | Path, setting: str) -> None:
     """The file's suffix is the picture's format: it has to be one Graphviz draws. `setting` names it in the error."""
     suffix = Path(path).suffix.lstrip(".")
     if suffix not in graphviz.FORMATS:
